@@ -1,0 +1,30 @@
+"""gradsurgery: ``torch.optim`` wrappers that do gradient surgery against forgetting.
+
+Wrap any optimizer in one line; the wrapper rewrites the gradient before the inner
+optimizer steps:
+
+>>> import torch
+>>> from gradsurgery import GEMProjector
+>>> model = torch.nn.Linear(4, 2)
+>>> opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), constraints=["memory"])
+"""
+
+from gradsurgery import functional, qp
+from gradsurgery.errors import NonFiniteGradientError, SolverError
+from gradsurgery.flat import GradientBank
+from gradsurgery.wrappers import GEMProjector, GEMStats, StepStats, SurgeryOptimizer
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "GEMProjector",
+    "GEMStats",
+    "GradientBank",
+    "NonFiniteGradientError",
+    "SolverError",
+    "StepStats",
+    "SurgeryOptimizer",
+    "__version__",
+    "functional",
+    "qp",
+]

@@ -1,0 +1,91 @@
+"""Inner products and row combinations of stacked gradients, accumulated in at least fp32.
+
+Everything a gradient-surgery step reads from the full-size gradients goes through two
+operations on a ``(r, n)`` block of stacked gradient rows:
+
+* :func:`gram` -- ``G = B Bᵀ`` (one matrix product, returned in float64), and
+* :func:`combine_` -- ``out ← β·out + Bᵀ w`` (one matrix-vector product, written in place).
+
+fp32 and fp64 blocks use one BLAS call each, with TF32 (or bf16 emulation on the CPU)
+switched off for the call even when the user enabled it globally: a Gram in TF32 carries
+only ~3 significant digits. fp16 and bf16 blocks are processed in chunks that are upcast to
+fp32, so the dot products and the combination are exact to fp32 and only the final write
+rounds to the gradient's own dtype; the temporary memory is ``r · CHUNK`` fp32 values,
+independent of the model size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+__all__ = ["CHUNK", "combine_", "cross", "gram", "ieee_fp32_matmul"]
+
+CHUNK = 1 << 22
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_MATMUL_BACKENDS = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)  # type: ignore[attr-defined]
+
+
+@contextmanager
+def ieee_fp32_matmul() -> Iterator[None]:
+    """Run fp32 matrix products in full IEEE fp32 (no TF32, no bf16 emulation) inside."""
+    saved = [backend.fp32_precision for backend in _MATMUL_BACKENDS]
+    for backend in _MATMUL_BACKENDS:
+        backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for backend, precision in zip(_MATMUL_BACKENDS, saved, strict=True):
+            backend.fp32_precision = precision
+
+
+def _slices(n: int) -> Iterator[slice]:
+    for start in range(0, n, CHUNK):
+        yield slice(start, min(start + CHUNK, n))
+
+
+def gram(block: Tensor) -> Tensor:
+    """Return ``block @ block.T`` in float64 for a 2-D ``block`` of stacked rows."""
+    rows = block.shape[0]
+    if block.dtype in _LOW_PRECISION:
+        acc = torch.zeros(rows, rows, dtype=torch.float64, device=block.device)
+        for part in _slices(block.shape[1]):
+            chunk = block[:, part].float()
+            acc += chunk @ chunk.T
+        return acc
+    with ieee_fp32_matmul():
+        return (block @ block.T).double()
+
+
+def cross(block: Tensor, vector: Tensor) -> Tensor:
+    """Return ``block @ vector`` in float64 (the dot product of each row with ``vector``)."""
+    if block.dtype in _LOW_PRECISION:
+        acc = torch.zeros(block.shape[0], dtype=torch.float64, device=block.device)
+        for part in _slices(block.shape[1]):
+            acc += block[:, part].float() @ vector[part].float()
+        return acc
+    with ieee_fp32_matmul():
+        return (block @ vector).double()
+
+
+def combine_(out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool) -> Tensor:
+    """Write ``out ← out + blockᵀ weights`` (``accumulate``) or ``out ← blockᵀ weights``.
+
+    ``out`` has shape ``(n,)``, ``block`` shape ``(r, n)`` and ``weights`` shape ``(r,)``
+    (any floating dtype; it is cast to the compute precision). ``out`` must not overlap
+    ``block``. Returns ``out``.
+    """
+    beta = 1.0 if accumulate else 0.0
+    if block.dtype in _LOW_PRECISION:
+        w = weights.float()
+        for part in _slices(block.shape[1]):
+            combined = block[:, part].float().T @ w
+            if accumulate:
+                combined += out[part].float()
+            out[part].copy_(combined)
+        return out
+    with ieee_fp32_matmul():
+        return out.addmv_(block.T, weights.to(block.dtype), beta=beta)

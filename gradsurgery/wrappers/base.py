@@ -1,0 +1,329 @@
+"""The wrapper mechanics every gradient surgery shares.
+
+A :class:`SurgeryOptimizer` is a :class:`torch.optim.Optimizer` around an inner optimizer:
+
+* ``param_groups`` and ``state`` *are* the inner optimizer's, so LR schedulers, gradient
+  clipping and ``GradScaler`` see the same groups and tensors as without the wrapper;
+* every trainable parameter's ``.grad`` is a view into row 0 of a
+  :class:`~gradsurgery.flat.GradientBank`; the wrapper's extra gradients (GEM constraints,
+  per-language objectives) are rows 1..k, filled by backward passes run inside
+  :meth:`SurgeryOptimizer._route`;
+* :meth:`SurgeryOptimizer.apply_surgery` rewrites row 0 in place (``step()`` calls it when
+  the user has not), then ``step()`` steps the inner optimizer;
+* ``state_dict()`` is the inner optimizer's, with the wrapper's own state appended under
+  the key ``"gradsurgery"`` (a list, so wrappers can be stacked).
+
+Extra rows are zeroed lazily: a row used by a step is cleared by the next backward routed
+to it, so gradient accumulation over micro-batches works, and a stale row is never read
+even if the user zeroes gradients through the model instead of the optimizer.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Generic, Protocol, TypeVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from gradsurgery.flat import GradientBank
+
+__all__ = ["StepStats", "SurgeryOptimizer"]
+
+STATE_KEY = "gradsurgery"
+
+
+class StepStats(Protocol):
+    """What every wrapper's per-step statistics offer."""
+
+    @property
+    def skipped(self) -> bool:
+        """Whether the step was skipped (non-finite gradients under a GradScaler)."""
+        ...
+
+    def to_dict(self) -> dict[str, float]:
+        """The statistics as plain floats (reads them back to the host)."""
+        ...
+
+
+StatsT = TypeVar("StatsT", bound=StepStats)
+
+
+class _RowsForScaler:
+    """Presents the extra rows to ``GradScaler.unscale_`` as if they were gradients.
+
+    ``GradScaler.unscale_(obj)`` unscales the ``.grad`` of every tensor in
+    ``obj.param_groups`` and records overflow for ``GradScaler.update()``, which is exactly
+    what the extra rows need: one holder tensor per bank block, whose ``.grad`` is the
+    block's rows 1..k.
+    """
+
+    def __init__(self, bank: GradientBank) -> None:
+        holders = []
+        for block in bank.blocks:
+            holder = block[1:].detach()
+            holder.grad = block[1:]
+            holders.append(holder)
+        self.param_groups = [{"params": holders}]
+
+
+class SurgeryOptimizer(Optimizer, Generic[StatsT]):
+    """Base class: an optimizer that rewrites ``.grad`` before an inner optimizer steps.
+
+    Args:
+        optimizer: the inner optimizer; it keeps its parameters, groups and state.
+        rows: names of the extra gradient rows (constraints, objectives).
+        grad_scaler: the ``torch.amp.GradScaler`` used for every backward pass, if any;
+            the wrapper unscales its extra rows with it, and a step whose gradients overflow
+            is skipped (the scaler then backs off).
+        validate: check every step for NaN/Inf gradients and an inexact solve and raise
+            before changing anything. On an accelerator this reads a few numbers back to
+            the host once per step; ``False`` keeps the step free of host synchronisation.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        rows: Sequence[str],
+        *,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        validate: bool = True,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
+            )
+        self.optimizer = optimizer
+        self.defaults = optimizer.defaults
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self.row_names: tuple[str, ...] = tuple(rows)
+        self.grad_scaler = grad_scaler
+        self.validate = validate
+        self._bank = GradientBank(self._all_params(), 1 + len(self.row_names))
+        self._scaler_rows = _RowsForScaler(self._bank)
+        self._filled = [False] * len(self.row_names)
+        self._stale = [False] * len(self.row_names)
+        self._routing = False
+        self._pending: StatsT | None = None
+        self.last_stats: StatsT | None = None
+
+    # -- the inner optimizer's groups and state are the wrapper's -------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The inner optimizer's parameter groups (the same list)."""
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = groups
+
+    @property
+    def state(self) -> Any:
+        """The inner optimizer's per-parameter state (the same mapping)."""
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, state: Any) -> None:
+        self.optimizer.state = state
+
+    def __repr__(self) -> str:
+        settings = "".join(f", {key}={value!r}" for key, value in self._settings().items())
+        inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        return f"{type(self).__name__}(\n{inner.lstrip()}{settings})"
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the inner optimizer; its trainable parameters join the flat buffer."""
+        self.optimizer.add_param_group(param_group)
+        self._refresh_bank()
+
+    # -- gradients ---------------------------------------------------------------------
+
+    @property
+    def bank(self) -> GradientBank:
+        """The flat gradient storage (row 0: ``.grad``; rows 1..k: the extra gradients)."""
+        self._refresh_bank()
+        return self._bank
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _refresh_bank(self) -> None:
+        """Rebuild the flat buffer if the set of trainable parameters changed."""
+        if not self._bank.owns(self._all_params()):
+            self._bank = self._bank.rebuilt(self._all_params())
+            self._scaler_rows = _RowsForScaler(self._bank)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero every gradient row in place.
+
+        ``set_to_none`` is accepted for compatibility and ignored: each ``.grad`` is a view
+        into the flat buffer and stays one, so a parameter that gets no gradient in a step
+        is stepped with a zero gradient.
+        """
+        self._refresh_bank()
+        self._bank.zero_()
+        self._filled = [False] * len(self.row_names)
+        self._stale = [False] * len(self.row_names)
+        self._pending = None
+
+    @contextmanager
+    def _route(self, index: int) -> Iterator[None]:
+        """Send the gradients of backward passes inside the block to extra row ``index``."""
+        if self._pending is not None:
+            raise RuntimeError(
+                "apply_surgery() already ran for this step; compute every gradient before it"
+            )
+        if self._routing:
+            raise RuntimeError("gradient routing blocks do not nest")
+        self._refresh_bank()
+        if self._stale[index]:
+            self._bank.zero_(index + 1)
+            self._stale[index] = False
+        self._routing = True
+        try:
+            with self._bank.route(index + 1):
+                yield
+        finally:
+            self._routing = False
+        self._filled[index] = True
+
+    def _check_filled(self, what: str, opener: str) -> None:
+        missing = [
+            name for name, filled in zip(self.row_names, self._filled, strict=True) if not filled
+        ]
+        if missing:
+            raise RuntimeError(
+                f"no gradient for {what} {', '.join(map(repr, missing))} since the last step; "
+                f"run its backward inside `with optimizer.{opener}(name):`"
+            )
+
+    # -- the step ------------------------------------------------------------------------
+
+    @property
+    def reads_host(self) -> bool:
+        """Whether a step reads values back to the host (validation or a GradScaler)."""
+        return self.validate or self._scaler_enabled
+
+    @property
+    def _scaler_enabled(self) -> bool:
+        return self.grad_scaler is not None and self.grad_scaler.is_enabled()
+
+    def _unscale_rows(self) -> None:
+        scaler = self.grad_scaler
+        assert scaler is not None
+        from torch.amp.grad_scaler import OptState
+
+        if scaler._per_optimizer_states[id(self)]["stage"] is OptState.READY:
+            scaler.unscale_(self)
+        scaler.unscale_(self._scaler_rows)  # type: ignore[arg-type]
+
+    def _surgery(self) -> StatsT:
+        """Rewrite row 0 of the bank from the rows (subclasses); return the step's stats."""
+        raise NotImplementedError
+
+    def _ready(self) -> None:
+        """Raise if the step's extra gradients are incomplete (subclasses)."""
+        raise NotImplementedError
+
+    def apply_surgery(self) -> StatsT:
+        """Rewrite ``.grad`` now, e.g. to clip the result before :meth:`step`.
+
+        ``step()`` calls it when you have not; calling it again before ``step()`` returns
+        the same statistics without redoing anything. With a GradScaler, the task gradient
+        is unscaled first if ``scaler.unscale_(optimizer)`` has not been called.
+        """
+        if self._pending is not None:
+            return self._pending
+        if self._routing:
+            raise RuntimeError("apply_surgery() was called inside a gradient routing block")
+        self._ready()
+        self._refresh_bank()
+        self._bank.repair()
+        if self._scaler_enabled:
+            self._unscale_rows()
+        self._pending = self._surgery()
+        return self._pending
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Apply the surgery (unless :meth:`apply_surgery` did) and step the inner optimizer.
+
+        ``closure``, if given, is called first with gradients enabled, as ``torch.optim``
+        optimizers do; it must compute this step's gradients (task and extra).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        stats = self.apply_surgery()
+        if not stats.skipped:
+            self.optimizer.step()
+        self.last_stats = stats
+        self._pending = None
+        self._filled = [False] * len(self.row_names)
+        self._stale = [True] * len(self.row_names)
+        return loss
+
+    # -- saving and loading --------------------------------------------------------------
+
+    def _extra_state(self) -> dict[str, Any]:
+        """The wrapper's own state (subclasses extend it)."""
+        return {"rows": list(self.row_names)}
+
+    def _check_extra_state(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if ``state`` cannot be loaded into this wrapper."""
+        if list(state.get("rows", [])) != list(self.row_names):
+            raise ValueError(
+                f"the state dict was saved with rows {state.get('rows')} but this "
+                f"{type(self).__name__} has {list(self.row_names)}"
+            )
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the wrapper's own state (subclasses extend it)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict, plus this wrapper's state under ``"gradsurgery"``."""
+        state = dict(self.optimizer.state_dict())
+        entry = {"wrapper": type(self).__name__, **self._extra_state()}
+        state[STATE_KEY] = [*state.get(STATE_KEY, []), entry]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict made by :meth:`state_dict` of the same stack of wrappers."""
+        stack = list(state_dict.get(STATE_KEY, []))
+        if not stack:
+            raise ValueError(
+                f"this state dict has no {STATE_KEY!r} entry: it was saved from a plain "
+                f"optimizer; load it into the inner optimizer instead "
+                f"({type(self).__name__}.optimizer.load_state_dict)"
+            )
+        entry = stack.pop()
+        if entry.get("wrapper") != type(self).__name__:
+            raise ValueError(
+                f"this state dict was saved from a {entry.get('wrapper')}, not a "
+                f"{type(self).__name__}"
+            )
+        self._check_extra_state(entry)
+        inner = {key: value for key, value in state_dict.items() if key != STATE_KEY}
+        if stack:
+            inner[STATE_KEY] = stack
+        self.optimizer.load_state_dict(inner)
+        self._load_extra_state(entry)
+
+    def _settings(self) -> dict[str, Any]:
+        """The constructor settings shown by ``repr`` (subclasses extend it)."""
+        return {"validate": self.validate}

@@ -1,0 +1,252 @@
+r"""``GEMProjector``: fine-tune without increasing the memory losses (GEM, A-GEM).
+
+Liu et al. (2020), *Preserving Cross-Linguality of Pre-trained Models via Continual
+Learning*, fine-tune mBERT/XLM-R with Gradient Episodic Memory (Lopez-Paz & Ranzato, 2017):
+at every step the task gradient :math:`g` is replaced by
+
+.. math::
+
+    x = \arg\min_x \tfrac12 \lVert x - g \rVert^2 \quad \text{s.t.} \quad
+    \langle x, g_k \rangle \ge 0,\ k = 1..t,
+
+where :math:`g_k` is the gradient of memory objective :math:`k` (masked LM on memory text,
+sentence retrieval, alignment, any loss) on a fresh batch. To first order, the step then
+increases none of the memory losses. See :mod:`gradsurgery.functional.gem` for the dual
+problem that is solved and the A-GEM mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from gradsurgery import qp, sync
+from gradsurgery.functional.gem import (
+    GEMMode,
+    GEMSolution,
+    check_options,
+    gem_multipliers,
+    raise_if_failed,
+)
+from gradsurgery.wrappers.base import SurgeryOptimizer
+
+__all__ = ["GEMProjector", "GEMStats"]
+
+
+@dataclass(frozen=True)
+class GEMStats:
+    """What one GEM step did. Tensors stay on the device until read.
+
+    Attributes:
+        names: the constraints' names, in row order.
+        projected: 0-d bool, whether the gradient was changed (a constraint was violated).
+        dots: ``⟨g, g_k⟩`` per constraint before the projection.
+        dots_after: ``⟨x, g_k⟩`` per constraint after it (``≥ 0`` when projected, margin 0).
+        multipliers: the dual variables ``v`` (``x = g + Σ_k v_k g_k``).
+        grad_norm: ``‖g‖``.
+        projected_norm: ``‖x‖``.
+        change_norm: ``‖x − g‖``.
+        kkt_residual: relative KKT residual of the dual solution.
+        skipped: the step was skipped (non-finite gradients under a GradScaler).
+    """
+
+    names: tuple[str, ...]
+    projected: Tensor
+    dots: Tensor
+    dots_after: Tensor
+    multipliers: Tensor
+    grad_norm: Tensor
+    projected_norm: Tensor
+    change_norm: Tensor
+    kkt_residual: Tensor
+    skipped: bool = False
+
+    def to_dict(self) -> dict[str, float]:
+        """Flat ``{"gem/...": float}`` for a logger. Reads the values back to the host."""
+        scalars = torch.stack(
+            [
+                self.projected.to(self.grad_norm.dtype),
+                self.grad_norm,
+                self.projected_norm,
+                self.change_norm,
+                self.kkt_residual,
+            ]
+        ).tolist()
+        out = dict(
+            zip(
+                ("projected", "grad_norm", "projected_norm", "change_norm", "kkt_residual"),
+                scalars,
+                strict=True,
+            )
+        )
+        out["skipped"] = float(self.skipped)
+        per_row = torch.stack([self.dots, self.dots_after, self.multipliers]).tolist()
+        for label, values in zip(("dot", "dot_after", "multiplier"), per_row, strict=True):
+            out.update(
+                {f"{label}/{name}": value for name, value in zip(self.names, values, strict=True)}
+            )
+        return {f"gem/{key}": value for key, value in out.items()}
+
+
+def _constraint_names(constraints: int | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(constraints, int):
+        if constraints < 1:
+            raise ValueError(f"constraints must be at least 1, got {constraints}")
+        return tuple(str(k) for k in range(constraints))
+    names = tuple(constraints)
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f"constraints must be a count or non-empty names, got {constraints!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"constraint names must be unique, got {names}")
+    return names
+
+
+class GEMProjector(SurgeryOptimizer[GEMStats]):
+    r"""Wrap any optimizer so that each step projects the gradient as GEM does.
+
+    .. code-block:: python
+
+        opt = GEMProjector(torch.optim.AdamW(model.parameters(), lr=2e-5),
+                           constraints=["mlm", "xsr"])
+        for batch, memory, pairs in loader:
+            opt.zero_grad()
+            task_loss(model, batch).backward()       # lands in .grad
+            with opt.constraint("mlm"):
+                mlm_loss(model, memory).backward()   # lands in the "mlm" row
+            with opt.constraint("xsr"):
+                xsr_loss(model, pairs).backward()
+            opt.step()                               # project .grad, then AdamW steps
+
+    Each ``.grad`` is a view into a flat buffer and each constraint gradient a row of a
+    ``(t, p)`` block next to it, so the projection reads the gradients twice (Gram, then
+    ``x = g + Jᵀv``) and copies nothing. Gradient accumulation works as usual: several
+    backward passes inside the same block add up.
+
+    Args:
+        optimizer: the inner optimizer (its groups, state and hyper-parameters are shared:
+            LR schedulers and ``clip_grad_norm_`` work on the wrapper as on it).
+        margin: GEM's memory strength ``m ≥ 0``: when projecting, every multiplier is at
+            least ``m`` (0.5 in the original code). 0 gives the exact projection.
+        constraints: number of constraints, or their names (default: one, named ``"0"``).
+        mode: ``"gem"`` (every constraint) or ``"agem"`` (the mean constraint gradient).
+        solver: dual QP solver: ``"auto"``, ``"closed_form"`` (one constraint),
+            ``"enumerate"`` (exact, on the device, no host sync) or a qpsolvers backend
+            such as ``"daqp"`` (see ``docs/solvers.md``).
+        eps: absolute ridge of the original GEM code (1e-3 there). It makes the projection
+            inexact, ``⟨g_k, x⟩ = −eps·v_k`` on active constraints; keep 0.
+        grad_scaler: the ``torch.amp.GradScaler`` scaling every backward pass, if any.
+        validate: raise on NaN/Inf gradients and on an inexact solve, before changing
+            anything (one small host read per step on an accelerator).
+
+    Raises:
+        ValueError: bad option values, no trainable parameter, parameters on several
+            devices, or an unknown solver.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        margin: float = 0.0,
+        *,
+        constraints: int | Sequence[str] = 1,
+        mode: GEMMode = "gem",
+        solver: str = "auto",
+        eps: float = 0.0,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        validate: bool = True,
+    ) -> None:
+        check_options(margin, mode, eps)
+        names = _constraint_names(constraints)
+        super().__init__(optimizer, names, grad_scaler=grad_scaler, validate=validate)
+        resolved = qp.resolve_solver(solver, len(names), self._bank.device)
+        if qp.is_host_solver(resolved):
+            import qpsolvers
+
+            if resolved not in qpsolvers.available_solvers:
+                raise ValueError(
+                    f"solver {solver!r} is not installed; available: 'auto', 'enumerate', "
+                    f"{', '.join(map(repr, sorted(qpsolvers.available_solvers)))}"
+                )
+        self.margin = float(margin)
+        self.mode: GEMMode = mode
+        self.solver = solver
+        self.eps = float(eps)
+
+    def constraint(self, name: str | int | None = None) -> AbstractContextManager[None]:
+        """Send the gradients of backward passes inside the block to constraint ``name``.
+
+        ``name`` is a constraint's name or index; it may be left out when there is one.
+        """
+        return self._route(self._index(name))
+
+    def _index(self, name: str | int | None) -> int:
+        if name is None:
+            if len(self.row_names) != 1:
+                raise ValueError(f"name the constraint, one of {list(self.row_names)}")
+            return 0
+        if isinstance(name, int) and 0 <= name < len(self.row_names):
+            return name
+        if isinstance(name, str) and name in self.row_names:
+            return self.row_names.index(name)
+        raise ValueError(f"unknown constraint {name!r}; the constraints are {list(self.row_names)}")
+
+    def _ready(self) -> None:
+        self._check_filled("constraint", "constraint")
+
+    def _surgery(self) -> GEMStats:
+        bank = self._bank
+        gram = bank.gram()
+        solution = gem_multipliers(
+            gram, self.margin, mode=self.mode, solver=self.solver, eps=self.eps
+        )
+        skipped = False
+        if self.reads_host:
+            finite, violated, kkt = torch.stack(
+                [gram.isfinite().all(), solution.violated, solution.kkt_residual]
+            ).tolist()
+            if not finite and self._scaler_enabled:
+                skipped = True
+            else:
+                if self.validate:
+                    raise_if_failed(bool(finite), kkt, self.solver)
+                if violated:
+                    bank.combine_(solution.v, accumulate=True)
+        elif not sync.host_reads_are_free(bank.device) or bool(solution.violated):
+            bank.combine_(solution.v, accumulate=True)
+        return _stats(self.row_names, gram, solution, skipped)
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "margin": self.margin,
+            "constraints": list(self.row_names),
+            "mode": self.mode,
+            "solver": self.solver,
+            "eps": self.eps,
+            **super()._settings(),
+        }
+
+
+def _stats(names: tuple[str, ...], gram: Tensor, solution: GEMSolution, skipped: bool) -> GEMStats:
+    v = solution.v
+    b = gram[1:, 0]
+    K = gram[1:, 1:]
+    Kv = K @ v
+    change_sq = (v @ Kv).clamp(min=0)
+    return GEMStats(
+        names=names,
+        projected=torch.zeros_like(solution.violated) if skipped else solution.violated,
+        dots=b,
+        dots_after=b + Kv,
+        multipliers=v,
+        grad_norm=gram[0, 0].clamp(min=0).sqrt(),
+        projected_norm=(gram[0, 0] + 2 * (v @ b) + change_sq).clamp(min=0).sqrt(),
+        change_norm=change_sq.sqrt(),
+        kkt_residual=solution.kkt_residual,
+        skipped=skipped,
+    )

@@ -65,7 +65,7 @@ def test_quadprog_rejects_a_singular_gram_with_a_solver_error():
 
 @pytest.mark.parametrize("scale", [1e-6, 1e-3, 1.0, 1e3])
 def test_scale_of_the_gradients_does_not_matter(scale):
-    g, J, K, b, lower = problem(11, 5, 50, scale=scale)
+    _, _, K, b, lower = problem(11, 5, 50, scale=scale)
     v = qp.solve_lower_bounded(K, b, lower, "daqp").v
     v_unit = qp.solve_lower_bounded(K / scale**2, b / scale**2, lower, "daqp").v
     assert torch.allclose(v, v_unit, rtol=1e-9, atol=1e-12 * float(v.abs().max()))

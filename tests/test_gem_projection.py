@@ -24,17 +24,25 @@ def row_norms(J: torch.Tensor) -> torch.Tensor:
     return J.norm(dim=1)
 
 
-def rounding_scale(problem: Problem, v: torch.Tensor) -> torch.Tensor:
-    """Size of the terms summed into ``⟨g_k, g + Jᵀv⟩``: the scale of its rounding error."""
-    terms = float(problem.g.norm()) + float((v.abs() * row_norms(problem.J)).sum())
-    return row_norms(problem.J) * terms
+def term_scale(problem: Problem, margin: float = 0.0) -> float:
+    """``‖g‖ + Σ_k |v_k| ‖g_k‖``: the size of the terms summed into ``x = g + Jᵀv``.
+
+    Rounding makes ``x`` uncertain by a small multiple of this, not of ``‖x‖`` or ``‖g‖``
+    (with a margin, or nearly opposed constraints, large terms cancel).
+    """
+    v = gem_multipliers(stacked_gram(problem), margin).v
+    return float(problem.g.norm()) + float((v.abs() * row_norms(problem.J)).sum())
+
+
+def rounding_scale(problem: Problem, margin: float) -> torch.Tensor:
+    """The same for ``⟨g_k, x⟩``, per constraint."""
+    return row_norms(problem.J) * term_scale(problem, margin)
 
 
 @given(problems(), st.sampled_from([0.0, 0.5]))
 def test_no_constraint_gets_worse(problem, margin):
     x = gem_project(problem.g, problem.J, margin)
-    v = gem_multipliers(stacked_gram(problem), margin).v
-    assert torch.all(problem.J @ x >= -RTOL * rounding_scale(problem, v))
+    assert torch.all(problem.J @ x >= -RTOL * rounding_scale(problem, margin))
 
 
 @given(problems(), st.sampled_from([0.0, 0.25, 1.0]))
@@ -47,7 +55,7 @@ def test_dual_solution_satisfies_kkt(problem, margin):
     assert torch.all(v >= margin)
     x = problem.g + problem.J.T @ v
     dots = problem.J @ x
-    scale = rounding_scale(problem, v)
+    scale = rounding_scale(problem, margin)
     assert torch.all(dots >= -RTOL * scale)
     # complementary slackness: a multiplier above its bound means an active constraint
     above = v - margin
@@ -58,30 +66,28 @@ def test_dual_solution_satisfies_kkt(problem, margin):
 def test_agrees_with_an_independent_reference(problem):
     x = gem_project(problem.g, problem.J)
     x_ref = reference.project(problem.g.numpy(), problem.J.numpy())
-    assert np.linalg.norm(x.numpy() - x_ref) <= RTOL * float(problem.g.norm())
+    assert np.linalg.norm(x.numpy() - x_ref) <= RTOL * term_scale(problem)
 
 
 @given(problems(), st.floats(0.05, 2.0))
 def test_agrees_with_the_reference_with_a_margin(problem, margin):
     x = gem_project(problem.g, problem.J, margin)
     x_ref = reference.project(problem.g.numpy(), problem.J.numpy(), margin)
-    assert np.linalg.norm(x.numpy() - x_ref) <= RTOL * max(
-        float(problem.g.norm()), float(np.linalg.norm(x_ref))
-    )
+    assert np.linalg.norm(x.numpy() - x_ref) <= RTOL * term_scale(problem, margin)
 
 
 @given(problems())
 def test_projecting_twice_changes_nothing(problem):
     x = gem_project(problem.g, problem.J)
     xx = gem_project(x, problem.J)
-    assert torch.allclose(xx, x, rtol=0, atol=RTOL * float(problem.g.norm()))
+    assert torch.allclose(xx, x, rtol=0, atol=RTOL * term_scale(problem))
 
 
 @given(problems(), st.floats(1e-3, 1e3))
 def test_positively_homogeneous(problem, alpha):
     x = gem_project(problem.g, problem.J)
     x_scaled = gem_project(alpha * problem.g, problem.J)
-    assert torch.allclose(x_scaled, alpha * x, rtol=0, atol=RTOL * alpha * float(problem.g.norm()))
+    assert torch.allclose(x_scaled, alpha * x, rtol=0, atol=RTOL * alpha * term_scale(problem))
 
 
 @given(problems(), st.integers(0, 2**32 - 1))
@@ -91,7 +97,7 @@ def test_invariant_to_positive_rescaling_of_each_constraint(problem, seed):
     )
     x = gem_project(problem.g, problem.J)
     x_rescaled = gem_project(problem.g, factors[:, None] * problem.J)
-    assert torch.allclose(x_rescaled, x, rtol=0, atol=RTOL * float(problem.g.norm()))
+    assert torch.allclose(x_rescaled, x, rtol=0, atol=RTOL * term_scale(problem))
 
 
 @given(problems(max_p=12), st.integers(0, 2**32 - 1))
@@ -124,11 +130,10 @@ def test_nothing_violated_returns_the_gradient_itself(problem):
 def test_agem_projects_onto_the_mean_constraint(problem, margin):
     x = gem_project(problem.g, problem.J, margin, mode="agem")
     x_ref = reference.project_agem(problem.g.numpy(), problem.J.numpy(), margin)
-    assert np.linalg.norm(x.numpy() - x_ref) <= RTOL * max(
-        float(problem.g.norm()), float(np.linalg.norm(x_ref))
-    )
+    scale = float(problem.g.norm()) + float(np.linalg.norm(x_ref - problem.g.numpy()))
+    assert np.linalg.norm(x.numpy() - x_ref) <= RTOL * scale
     mean = problem.J.mean(dim=0)
-    assert float(mean @ x) >= -RTOL * float(mean.norm() * (x.norm() + problem.g.norm()))
+    assert float(mean @ x) >= -RTOL * float(mean.norm()) * scale
 
 
 @pytest.mark.parametrize("solver", ["enumerate", "daqp", "osqp", "clarabel"])
@@ -136,8 +141,8 @@ def test_agem_projects_onto_the_mean_constraint(problem, margin):
 def test_every_solver_gives_the_same_projection(solver, problem):
     x = gem_project(problem.g, problem.J, solver=solver)
     x_ref = gem_project(problem.g, problem.J, solver="enumerate")
-    tolerance = 1e-7 if solver == "clarabel" else RTOL
-    assert torch.allclose(x, x_ref, rtol=0, atol=tolerance * float(problem.g.norm()))
+    tolerance = 1e-6 if solver == "clarabel" else RTOL
+    assert torch.allclose(x, x_ref, rtol=0, atol=tolerance * term_scale(problem))
 
 
 @given(problems())
@@ -146,7 +151,7 @@ def test_the_device_path_needs_no_host_sync_and_agrees(problem):
     with no_host_sync():
         x = gem_project(problem.g, problem.J, validate=False)
     assert x is not problem.g
-    assert torch.allclose(x, expected, rtol=0, atol=RTOL * float(problem.g.norm()))
+    assert torch.allclose(x, expected, rtol=0, atol=RTOL * term_scale(problem))
 
 
 def test_the_original_absolute_ridge_breaks_active_constraints():
@@ -173,7 +178,8 @@ def test_float32_gradients(problem):
     x = gem_project(problem.g, problem.J)
     assert x.dtype == torch.float32
     x_ref = reference.project(problem.g.double().numpy(), problem.J.double().numpy())
-    assert np.linalg.norm(x.double().numpy() - x_ref) <= 1e-4 * float(problem.g.norm())
+    as_double = Problem(problem.g.double(), problem.J.double())
+    assert np.linalg.norm(x.double().numpy() - x_ref) <= 1e-4 * term_scale(as_double)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -423,7 +423,7 @@ def test_bad_settings_are_refused(kwargs, match):
 
 def test_wrapping_something_that_is_not_an_optimizer_is_refused():
     with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer"):
-        GEMProjector(mlp().parameters())  # type: ignore[arg-type]
+        GEMProjector(mlp().parameters())
 
 
 def test_unknown_constraint_names():

@@ -141,9 +141,9 @@ class SurgeryOptimizer(Optimizer, Generic[StatsT]):
         self.optimizer.state = state
 
     def __repr__(self) -> str:
-        settings = "".join(f", {key}={value!r}" for key, value in self._settings().items())
-        inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
-        return f"{type(self).__name__}(\n{inner.lstrip()}{settings})"
+        settings = ", ".join(f"{key}={value!r}" for key, value in self._settings().items())
+        inner = repr(self.optimizer).replace("\n", "\n  ")
+        return f"{type(self).__name__}({settings},\n  optimizer={inner})"
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the inner optimizer; its trainable parameters join the flat buffer."""

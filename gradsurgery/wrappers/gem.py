@@ -41,55 +41,75 @@ __all__ = ["GEMProjector", "GEMStats"]
 
 @dataclass(frozen=True)
 class GEMStats:
-    """What one GEM step did. Tensors stay on the device until read.
+    """What one GEM step did, derived on demand from the step's Gram and dual solution.
+
+    Every tensor attribute stays on the device until read, and costs nothing unless read.
 
     Attributes:
         names: the constraints' names, in row order.
-        projected: 0-d bool, whether the gradient was changed (a constraint was violated).
-        dots: ``⟨g, g_k⟩`` per constraint before the projection.
-        dots_after: ``⟨x, g_k⟩`` per constraint after it (``≥ 0`` when projected, margin 0).
-        multipliers: the dual variables ``v`` (``x = g + Σ_k v_k g_k``).
-        grad_norm: ``‖g‖``.
-        projected_norm: ``‖x‖``.
-        change_norm: ``‖x − g‖``.
-        kkt_residual: relative KKT residual of the dual solution.
+        gram: the ``(t + 1, t + 1)`` Gram matrix of ``[g; g_1; …; g_t]`` (float64).
+        solution: the dual solution (:class:`~gradsurgery.functional.GEMSolution`).
         skipped: the step was skipped (non-finite gradients under a GradScaler).
     """
 
     names: tuple[str, ...]
-    projected: Tensor
-    dots: Tensor
-    dots_after: Tensor
-    multipliers: Tensor
-    grad_norm: Tensor
-    projected_norm: Tensor
-    change_norm: Tensor
-    kkt_residual: Tensor
+    gram: Tensor
+    solution: GEMSolution
     skipped: bool = False
+
+    @property
+    def projected(self) -> Tensor:
+        """0-d bool: whether the gradient was changed (a constraint was violated)."""
+        return self.solution.violated & (not self.skipped)
+
+    @property
+    def multipliers(self) -> Tensor:
+        """The dual variables ``v`` (``x = g + Σ_k v_k g_k``)."""
+        return self.solution.v
+
+    @property
+    def dots(self) -> Tensor:
+        """``⟨g, g_k⟩`` per constraint, before the projection."""
+        return self.gram[1:, 0]
+
+    @property
+    def dots_after(self) -> Tensor:
+        """``⟨x, g_k⟩`` per constraint, after it (``≥ 0`` when projected)."""
+        return self.dots + self.gram[1:, 1:] @ self.multipliers
+
+    @property
+    def grad_norm(self) -> Tensor:
+        """``‖g‖``."""
+        return self.gram[0, 0].clamp(min=0).sqrt()
+
+    @property
+    def change_norm(self) -> Tensor:
+        """``‖x − g‖ = ‖Jᵀv‖``."""
+        v = self.multipliers
+        return (v @ self.gram[1:, 1:] @ v).clamp(min=0).sqrt()
+
+    @property
+    def projected_norm(self) -> Tensor:
+        """``‖x‖``."""
+        v = self.multipliers
+        x_sq = self.gram[0, 0] + 2 * (v @ self.dots) + v @ self.gram[1:, 1:] @ v
+        return x_sq.clamp(min=0).sqrt()
+
+    @property
+    def kkt_residual(self) -> Tensor:
+        """Relative KKT residual of the dual solution (0 when nothing was violated)."""
+        return self.solution.kkt_residual
 
     def to_dict(self) -> dict[str, float]:
         """Flat ``{"gem/...": float}`` for a logger. Reads the values back to the host."""
-        scalars = torch.stack(
-            [
-                self.projected.to(self.grad_norm.dtype),
-                self.grad_norm,
-                self.projected_norm,
-                self.change_norm,
-                self.kkt_residual,
-            ]
-        ).tolist()
-        out = dict(
-            zip(
-                ("projected", "grad_norm", "projected_norm", "change_norm", "kkt_residual"),
-                scalars,
-                strict=True,
-            )
-        )
+        scalar_names = ("projected", "grad_norm", "projected_norm", "change_norm", "kkt_residual")
+        values = torch.stack([getattr(self, name).double() for name in scalar_names]).tolist()
+        out = dict(zip(scalar_names, values, strict=True))
         out["skipped"] = float(self.skipped)
         per_row = torch.stack([self.dots, self.dots_after, self.multipliers]).tolist()
-        for label, values in zip(("dot", "dot_after", "multiplier"), per_row, strict=True):
+        for label, row in zip(("dot", "dot_after", "multiplier"), per_row, strict=True):
             out.update(
-                {f"{label}/{name}": value for name, value in zip(self.names, values, strict=True)}
+                {f"{label}/{name}": value for name, value in zip(self.names, row, strict=True)}
             )
         return {f"gem/{key}": value for key, value in out.items()}
 
@@ -219,7 +239,7 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
                     bank.combine_(solution.v, accumulate=True)
         elif not sync.host_reads_are_free(bank.device) or bool(solution.violated):
             bank.combine_(solution.v, accumulate=True)
-        return _stats(self.row_names, gram, solution, skipped)
+        return GEMStats(self.row_names, gram, solution, skipped)
 
     def _settings(self) -> dict[str, Any]:
         return {
@@ -230,23 +250,3 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
             "eps": self.eps,
             **super()._settings(),
         }
-
-
-def _stats(names: tuple[str, ...], gram: Tensor, solution: GEMSolution, skipped: bool) -> GEMStats:
-    v = solution.v
-    b = gram[1:, 0]
-    K = gram[1:, 1:]
-    Kv = K @ v
-    change_sq = (v @ Kv).clamp(min=0)
-    return GEMStats(
-        names=names,
-        projected=torch.zeros_like(solution.violated) if skipped else solution.violated,
-        dots=b,
-        dots_after=b + Kv,
-        multipliers=v,
-        grad_norm=gram[0, 0].clamp(min=0).sqrt(),
-        projected_norm=(gram[0, 0] + 2 * (v @ b) + change_sq).clamp(min=0).sqrt(),
-        change_norm=change_sq.sqrt(),
-        kkt_residual=solution.kkt_residual,
-        skipped=skipped,
-    )

@@ -1,0 +1,47 @@
+"""The README's two commands: CI runs the test one, and the demo one works."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_commands() -> list[str]:
+    block = re.search(
+        r"## Set up and run.*?```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S
+    )
+    assert block is not None
+    return [line.split("#")[0].strip() for line in block.group(1).strip().splitlines()]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    _, tests = readme_commands()
+    assert tests.endswith("python -m pytest")
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert tests in ci_lines
+    assert ci_lines[-1] == tests
+
+
+def test_the_demo_command_runs_and_reports():
+    demo, _ = readme_commands()
+    script = demo.split("&&")[-1].split()[1:]
+    result = subprocess.run(
+        [sys.executable, *script, "--steps", "60"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert "the gradient was projected in" in result.stdout
+    rows = {
+        line[:20].strip(): [float(x) for x in line[20:].split()]
+        for line in result.stdout.splitlines()
+        if line[:20].strip() in ("plain fine-tuning", "GEM", "A-GEM")
+    }
+    # columns: new-task loss, then (loss, change) per memory task
+    for run in ("GEM", "A-GEM"):
+        assert rows[run][2] < rows["plain fine-tuning"][2]
+        assert rows[run][4] < rows["plain fine-tuning"][4]

@@ -63,15 +63,20 @@ def _full_precision_gram(block: Tensor) -> Tensor:
 
 
 def gram(block: Tensor) -> Tensor:
-    """Return ``block @ block.T`` in float64 for a 2-D ``block`` of stacked rows."""
+    """Return ``block @ block.T`` in float64 for a 2-D ``block`` of stacked rows.
+
+    The result is exactly symmetric (BLAS may sum ``(i, j)`` and ``(j, i)`` in different
+    orders; the two are averaged).
+    """
     rows = block.shape[0]
     with ieee_fp32_matmul():
         if block.dtype not in _LOW_PRECISION:
-            return _full_precision_gram(block).double()
-        acc = torch.zeros(rows, rows, dtype=torch.float64, device=block.device)
-        for part in _slices(block.shape[1]):
-            acc += _full_precision_gram(block[:, part].float())
-        return acc
+            acc = _full_precision_gram(block).double()
+        else:
+            acc = torch.zeros(rows, rows, dtype=torch.float64, device=block.device)
+            for part in _slices(block.shape[1]):
+                acc += _full_precision_gram(block[:, part].float())
+    return (acc + acc.T) / 2
 
 
 def cross(block: Tensor, vector: Tensor) -> Tensor:

@@ -16,12 +16,12 @@ polyhedral cone (GEM). Solvers:
     :math:`2^t` choices of free variables gives a linear system; the optimum is the
     candidate that satisfies the KKT conditions with the lowest objective. All candidates
     are solved in one batched call, so the cost is a fixed number of kernel launches
-    whatever the data. ``"auto"`` picks it on accelerators for ``2 ≤ t ≤ MAX_ENUMERATE``.
+    whatever the data. ``"auto"`` picks it for ``2 ≤ t ≤ MAX_ENUMERATE``.
 any qpsolvers backend (``"daqp"``, ``"quadprog"``, ``"osqp"``, ``"clarabel"``, ...)
     On the CPU in float64 (for accelerator tensors, one device-to-host copy of ``t² + t``
     numbers), then polished: the stationarity equations of the active set the backend
     found are solved exactly, and that point is kept if its KKT residual is lower.
-    ``"daqp"``, which ``"auto"`` picks on the CPU and for large ``t``, is exact
+    ``"daqp"``, which ``"auto"`` picks for ``t > MAX_ENUMERATE``, is exact
     and accepts a singular ``K``; ``"quadprog"`` needs ``K`` positive definite; ``"osqp"``
     and ``"clarabel"`` run with tightened tolerances. See ``docs/solvers.md`` for the measured
     accuracy and time of each.
@@ -41,7 +41,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradsurgery import sync
 from gradsurgery.errors import SolverError
 
 __all__ = [
@@ -75,24 +74,48 @@ class QPSolution(NamedTuple):
     kkt_residual: Tensor
 
 
+class _Scaled(NamedTuple):
+    """The problem in ``u = s ⊙ v``: unit diagonal, ``max |b| = 1``."""
+
+    K: Tensor
+    b: Tensor
+    lower: Tensor
+    s: Tensor
+
+
+class _Subsets(NamedTuple):
+    free: Tensor  # (2^t, t): 1 where the variable is free (solved for), 0 where at its bound
+    fixed: Tensor  # 1 - free
+    pairs: Tensor  # (2^t, t, t): free ⊗ free
+    identity: Tensor  # (2^t, t, t): diag(fixed)
+
+
 @functools.lru_cache(maxsize=64)
-def _subsets(t: int, device: torch.device) -> Tensor:
-    """All ``2^t`` subsets of ``range(t)`` as a ``(2^t, t)`` float64 0/1 matrix."""
+def _subsets(t: int, device: torch.device) -> _Subsets:
     codes = torch.arange(2**t, device=device).unsqueeze(1)
     bits = 2 ** torch.arange(t, device=device)
-    return ((codes & bits) != 0).to(torch.float64)
+    free = ((codes & bits) != 0).to(torch.float64)
+    fixed = 1 - free
+    return _Subsets(free, fixed, free[:, :, None] * free[:, None, :], torch.diag_embed(fixed))
 
 
-def _scaled(K: Tensor, b: Tensor, lower: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Rescale ``v = u / s`` so that ``diag(S K S) = 1`` and ``max|S b| = 1``."""
+def _scale(K: Tensor, b: Tensor, lower: Tensor) -> _Scaled:
     d = K.diagonal().sqrt()
     d = torch.where(d > 0, d, torch.ones_like(d))
     bn = b / d
     scale = bn.abs().amax()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     s = d / scale
-    Kn = K / (d[:, None] * d[None, :])
-    return Kn, bn / scale, lower * s, s
+    return _Scaled(K / (d[:, None] * d[None, :]), bn / scale, lower * s, s)
+
+
+def _kkt(problem: _Scaled, u: Tensor) -> Tensor:
+    r = problem.K @ u + problem.b
+    slack = u - problem.lower
+    worst = torch.stack(
+        [slack.neg().clamp(min=0), r.neg().clamp(min=0), torch.minimum(slack, r).abs()]
+    ).amax()
+    return worst / (1 + u.abs().amax())
 
 
 def kkt_residual(K: Tensor, b: Tensor, lower: Tensor, v: Tensor) -> Tensor:
@@ -102,38 +125,34 @@ def kkt_residual(K: Tensor, b: Tensor, lower: Tensor, v: Tensor) -> Tensor:
     primal infeasibility ``(ℓ − v)₊``, dual infeasibility ``(−(Kv + b))₊`` and
     complementarity ``|min(v − ℓ, Kv + b)|``, relative to ``1 + |v|_∞``.
     """
-    Kn, bn, ln, s = _scaled(K, b, lower)
-    u = v * s
-    r = Kn @ u + bn
-    slack = u - ln
-    worst = torch.stack(
-        [slack.neg().clamp(min=0), r.neg().clamp(min=0), torch.minimum(slack, r).abs()]
-    ).amax()
-    return worst / (1 + u.abs().amax())
+    problem = _scale(K, b, lower)
+    return _kkt(problem, v * problem.s)
 
 
-def _enumerate(K: Tensor, b: Tensor, lower: Tensor) -> Tensor:
-    t = K.shape[0]
-    free = _subsets(t, K.device)
-    fixed = 1 - free
-    A = K * (free[:, :, None] * free[:, None, :]) + torch.diag_embed(fixed)
-    pinned = fixed * lower
-    rhs = free * -(b + pinned @ K) + pinned
+def _enumerate(problem: _Scaled) -> Tensor:
+    K, b, lower = problem.K, problem.b, problem.lower
+    subsets = _subsets(K.shape[0], K.device)
+    A = K * subsets.pairs + subsets.identity
+    pinned = subsets.fixed * lower
+    rhs = subsets.free * -(b + pinned @ K) + pinned
     u, info = torch.linalg.solve_ex(A, rhs)
     u = torch.where(torch.isfinite(u), u, lower).maximum(lower)
-    r = u @ K + b
-    tol = _KKT_TOL * (1 + u.abs().amax(dim=1, keepdim=True))
-    kkt = (info == 0) & (r >= -tol).all(dim=1) & ((r * free).abs() <= tol).all(dim=1)
-    objective = 0.5 * ((u @ K) * u).sum(dim=1) + u @ b
-    objective = torch.where(kkt, objective, torch.full_like(objective, float("inf")))
-    # Among the KKT points (all optimal) take the lowest objective. If rounding rejects
-    # them all, index 0 (every variable at its bound, always feasible) is returned and
-    # the caller sees it in the KKT residual.
-    best = objective.argmin().reshape(1)
+    Ku = u @ K.T
+    r = Ku + b
+    # u ≥ ℓ by construction; what is left of the KKT conditions: r ≥ 0, and r = 0 where free
+    violation = torch.maximum(r.neg().amax(dim=1), (r * subsets.free).abs().amax(dim=1))
+    violation = torch.where(info == 0, violation, torch.full_like(violation, float("inf")))
+    violation = violation / (1 + u.abs().amax(dim=1))
+    # Every KKT point is optimal; among those within tolerance take the lowest objective
+    # (they tie up to rounding). If rounding rejects them all, take the least violating.
+    objective = 0.5 * (Ku * u).sum(dim=1) + u @ b
+    accepted = violation <= _KKT_TOL
+    objective = torch.where(accepted, objective, torch.full_like(objective, float("inf")))
+    best = torch.where(accepted.any(), objective.argmin(), violation.argmin()).reshape(1)
     return u.index_select(0, best).squeeze(0)
 
 
-def _qpsolvers(K: Tensor, b: Tensor, lower: Tensor, solver: str) -> Tensor:
+def _qpsolvers(problem: _Scaled, solver: str) -> Tensor:
     import qpsolvers
 
     if solver not in qpsolvers.available_solvers:
@@ -142,12 +161,27 @@ def _qpsolvers(K: Tensor, b: Tensor, lower: Tensor, solver: str) -> Tensor:
             f"{', '.join(sorted(qpsolvers.available_solvers))} (or 'enumerate' for t ≤ "
             f"{MAX_ENUMERATE})"
         )
-    P, q, lb = (x.detach().cpu().numpy() for x in (K, b, lower))
-    options = _BACKEND_OPTIONS.get(solver, {})
+    host = _Scaled(*(x.detach().cpu() for x in problem))
+    # A zero constraint row (an objective that reaches no parameter) has nothing to solve
+    # for: its multiplier stays at its bound. Backends that need K nonsingular fail on it.
+    live = host.K.diagonal() > 0
+    u = host.lower.clone()
+    if bool(live.any()):
+        P = host.K[live][:, live].numpy()
+        q, lb = host.b[live].numpy(), host.lower[live].numpy()
+        u[live] = torch.as_tensor(_backend_solve(P, q, lb, solver), dtype=torch.float64)
+    return _polish(host, u.maximum(host.lower)).to(problem.K.device)
+
+
+def _backend_solve(P: np.ndarray, q: np.ndarray, lb: np.ndarray, solver: str) -> np.ndarray:
+    import qpsolvers
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # qpsolvers warns about dense-to-sparse conversions
         try:
-            u = qpsolvers.solve_qp(P, q, lb=lb, solver=solver, verbose=False, **options)
+            u = qpsolvers.solve_qp(
+                P, q, lb=lb, solver=solver, verbose=False, **_BACKEND_OPTIONS.get(solver, {})
+            )
         except Exception as error:  # backends raise their own exception types
             raise SolverError(f"qpsolvers backend {solver!r} failed: {error}") from error
     if u is None or not np.all(np.isfinite(u)):
@@ -155,17 +189,10 @@ def _qpsolvers(K: Tensor, b: Tensor, lower: Tensor, solver: str) -> Tensor:
             f"qpsolvers backend {solver!r} returned no solution (t = {len(q)}); the problem "
             "is always feasible, so this is numerical: try solver='daqp' or 'enumerate'"
         )
-    return torch.as_tensor(_polish(P, q, lb, np.maximum(u, lb)), dtype=torch.float64).to(K.device)
+    return np.asarray(u)
 
 
-def _kkt(K: np.ndarray, b: np.ndarray, lower: np.ndarray, u: np.ndarray) -> float:
-    r = K @ u + b
-    slack = u - lower
-    worst = np.max(np.concatenate([-slack, -r, np.abs(np.minimum(slack, r))]))
-    return float(max(worst, 0.0) / (1 + np.abs(u).max()))
-
-
-def _polish(K: np.ndarray, b: np.ndarray, lower: np.ndarray, u: np.ndarray) -> np.ndarray:
+def _polish(problem: _Scaled, u: Tensor) -> Tensor:
     """Re-solve exactly on the active set that a backend found; keep the better point.
 
     Backends stop at their tolerances; on degenerate problems (a singular ``K``: duplicate
@@ -173,14 +200,15 @@ def _polish(K: np.ndarray, b: np.ndarray, lower: np.ndarray, u: np.ndarray) -> n
     stationarity equations of the variables above their bounds by least squares gives the
     exact optimum for that active set; it replaces ``u`` only if its KKT residual is lower.
     """
-    free = u > lower + _KKT_TOL * (1 + np.abs(u).max())
-    candidate = lower.copy()
-    if free.any():
+    K, b, lower = problem.K, problem.b, problem.lower
+    free = u > lower + _KKT_TOL * (1 + u.abs().amax())
+    candidate = lower.clone()
+    if bool(free.any()):
         pinned = ~free
-        rhs = -(b[free] + K[np.ix_(free, pinned)] @ lower[pinned])
-        candidate[free] = np.linalg.lstsq(K[np.ix_(free, free)], rhs, rcond=None)[0]
-    candidate = np.maximum(candidate, lower)
-    return candidate if _kkt(K, b, lower, candidate) <= _kkt(K, b, lower, u) else u
+        rhs = -(b[free] + K[free][:, pinned] @ lower[pinned])
+        candidate[free] = torch.linalg.lstsq(K[free][:, free], rhs.unsqueeze(1)).solution[:, 0]
+    candidate = candidate.maximum(lower)
+    return candidate if bool(_kkt(problem, candidate) <= _kkt(problem, u)) else u
 
 
 def is_host_solver(solver: str) -> bool:
@@ -188,13 +216,12 @@ def is_host_solver(solver: str) -> bool:
     return solver not in ("closed_form", "enumerate")
 
 
-def resolve_solver(solver: str, t: int, device: torch.device) -> str:
-    """The solver ``"auto"`` stands for at this size and device; others are checked."""
+def resolve_solver(solver: str, t: int) -> str:
+    """The solver ``"auto"`` stands for with ``t`` constraints; others are checked."""
     if solver == "auto":
         if t == 1:
             return "closed_form"
-        on_device = not sync.host_reads_are_free(device)
-        return "enumerate" if on_device and t <= MAX_ENUMERATE else "daqp"
+        return "enumerate" if t <= MAX_ENUMERATE else "daqp"
     if solver == "closed_form" and t != 1:
         raise ValueError(f"solver 'closed_form' needs exactly one constraint, got {t}")
     return solver
@@ -212,19 +239,19 @@ def solve_lower_bounded(K: Tensor, b: Tensor, lower: Tensor, solver: str = "auto
 
     Returns:
         The minimiser and its KKT residual (see :func:`kkt_residual`), on ``K``'s device.
-        With ``"enumerate"`` nothing is copied to the host.
+        With ``"closed_form"`` and ``"enumerate"`` nothing is copied to the host.
 
     Raises:
         ValueError: unknown or uninstalled solver.
         SolverError: a qpsolvers backend failed.
     """
-    solver = resolve_solver(solver, K.shape[0], K.device)
-    Kn, bn, ln, s = _scaled(K, b, lower)
+    solver = resolve_solver(solver, K.shape[0])
+    problem = _scale(K, b, lower)
     if solver == "closed_form":
-        u = torch.maximum(ln, -bn)
+        u = torch.maximum(problem.lower, -problem.b)
     elif solver == "enumerate":
-        u = _enumerate(Kn, bn, ln)
+        u = _enumerate(problem)
     else:
-        u = _qpsolvers(Kn, bn, ln, solver)
-    v = torch.maximum(u / s, lower)  # undo the rescaling without rounding below a bound
-    return QPSolution(v, kkt_residual(K, b, lower, v))
+        u = _qpsolvers(problem, solver)
+    v = torch.maximum(u / problem.s, lower)  # undo the rescaling without rounding below a bound
+    return QPSolution(v, _kkt(problem, u))

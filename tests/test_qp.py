@@ -86,13 +86,13 @@ def test_closed_form_matches_enumeration_for_one_constraint():
     assert torch.allclose(closed, enumerated, rtol=1e-12)
 
 
-def test_auto_picks_a_device_solver_where_host_reads_cost_a_sync():
-    cpu = torch.device("cpu")
-    assert qp.resolve_solver("auto", 1, cpu) == "closed_form"
-    assert qp.resolve_solver("auto", 4, cpu) == "daqp"
-    with no_host_sync():
-        assert qp.resolve_solver("auto", 4, cpu) == "enumerate"
-        assert qp.resolve_solver("auto", qp.MAX_ENUMERATE + 1, cpu) == "daqp"
+def test_auto_solves_on_the_device_up_to_max_enumerate():
+    assert qp.resolve_solver("auto", 1) == "closed_form"
+    assert qp.resolve_solver("auto", 2) == "enumerate"
+    assert qp.resolve_solver("auto", qp.MAX_ENUMERATE) == "enumerate"
+    assert qp.resolve_solver("auto", qp.MAX_ENUMERATE + 1) == "daqp"
+    assert not qp.is_host_solver("enumerate")
+    assert qp.is_host_solver("daqp")
 
 
 def test_enumeration_does_not_synchronise():

@@ -113,7 +113,7 @@ def gem_multipliers(
     else:
         violated = (b < 0).any()
         lower = b.new_full((t,), margin)
-        resolved = qp.resolve_solver(solver, t, gram.device)
+        resolved = qp.resolve_solver(solver, t)
         if qp.is_host_solver(resolved) and not (bool(violated) and bool(gram.isfinite().all())):
             # The host solver needs the data on the host anyway; skip it when there is
             # nothing to solve (or nothing sane to solve: the caller reports non-finite input).

@@ -184,7 +184,7 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         check_options(margin, mode, eps)
         names = _constraint_names(constraints)
         super().__init__(optimizer, names, grad_scaler=grad_scaler, validate=validate)
-        resolved = qp.resolve_solver(solver, len(names), self._bank.device)
+        resolved = qp.resolve_solver(solver, len(names))
         if qp.is_host_solver(resolved):
             import qpsolvers
 

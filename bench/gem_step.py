@@ -5,7 +5,7 @@ For each parameter count ``p`` and number of constraints ``t`` it measures, on o
 * ``gradsurgery``: ``GEMProjector``'s surgery (Gram, dual solve, ``x = g + Jᵀv`` in place)
   on gradients that backward passes wrote straight into the flat buffer;
 * ``published``: the approach of the original GEM code (Lopez-Paz & Ranzato, 2017, also used
-  by Liu et al. 2020), re-implemented here: each gradient is copied parameter by parameter
+  by Liu et al. 2021), re-implemented here: each gradient is copied parameter by parameter
   into a column of a ``(p, t + 1)`` matrix, the memories are copied to the host in float64,
   the Gram and the projection are done in NumPy with quadprog (``eps = 1e-3`` ridge), and
   the result is copied back parameter by parameter;

@@ -19,8 +19,8 @@ polyhedral cone (GEM). Solvers:
     whatever the data. ``"auto"`` picks it for ``2 ≤ t ≤ MAX_ENUMERATE``.
 any qpsolvers backend (``"daqp"``, ``"quadprog"``, ``"osqp"``, ``"clarabel"``, ...)
     On the CPU in float64 (for accelerator tensors, one device-to-host copy of ``t² + t``
-    numbers), then polished: the stationarity equations of the active set the backend
-    found are solved exactly, and that point is kept if its KKT residual is lower.
+    numbers), then finished exactly by active-set (Lawson–Hanson) steps started from the
+    backend's solution.
     ``"daqp"``, which ``"auto"`` picks for ``t > MAX_ENUMERATE``, is exact
     and accepts a singular ``K``; ``"quadprog"`` needs ``K`` positive definite; ``"osqp"``
     and ``"clarabel"`` run with tightened tolerances. See ``docs/solvers.md`` for the measured
@@ -170,7 +170,7 @@ def _qpsolvers(problem: _Scaled, solver: str) -> Tensor:
         P = host.K[live][:, live].numpy()
         q, lb = host.b[live].numpy(), host.lower[live].numpy()
         u[live] = torch.as_tensor(_backend_solve(P, q, lb, solver), dtype=torch.float64)
-    return _polish(host, u.maximum(host.lower)).to(problem.K.device)
+    return _refine(host, u.maximum(host.lower)).to(problem.K.device)
 
 
 def _backend_solve(P: np.ndarray, q: np.ndarray, lb: np.ndarray, solver: str) -> np.ndarray:
@@ -192,23 +192,57 @@ def _backend_solve(P: np.ndarray, q: np.ndarray, lb: np.ndarray, solver: str) ->
     return np.asarray(u)
 
 
-def _polish(problem: _Scaled, u: Tensor) -> Tensor:
-    """Re-solve exactly on the active set that a backend found; keep the better point.
+def _refine(problem: _Scaled, u: Tensor) -> Tensor:
+    """Finish a backend's solution exactly with Lawson–Hanson active-set steps.
 
-    Backends stop at their tolerances; on degenerate problems (a singular ``K``: duplicate
-    constraints, more constraints than parameters) DAQP was measured 2e-5 off. Solving the
-    stationarity equations of the variables above their bounds by least squares gives the
-    exact optimum for that active set; it replaces ``u`` only if its KKT residual is lower.
+    Backends stop at their tolerances, and on degenerate problems (a singular ``K`` from
+    duplicate constraints or more constraints than parameters) DAQP alone was measured up
+    to 2e-5 off. Starting from the backend's free set, the loop below (the active-set
+    method of Lawson & Hanson's NNLS, on ``y = u − ℓ ≥ 0`` in Gram form, with least squares
+    for singular subsystems) ends at an exact KKT point; from a good start it ends at once.
+    The result replaces ``u`` only if its KKT residual is no larger.
     """
-    K, b, lower = problem.K, problem.b, problem.lower
-    free = u > lower + _KKT_TOL * (1 + u.abs().amax())
-    candidate = lower.clone()
-    if bool(free.any()):
-        pinned = ~free
-        rhs = -(b[free] + K[free][:, pinned] @ lower[pinned])
-        candidate[free] = torch.linalg.lstsq(K[free][:, free], rhs.unsqueeze(1)).solution[:, 0]
-    candidate = candidate.maximum(lower)
-    return candidate if bool(_kkt(problem, candidate) <= _kkt(problem, u)) else u
+    K = problem.K.numpy()
+    lower = problem.lower.numpy()
+    q = problem.b.numpy() + K @ lower
+    y = np.maximum(u.numpy() - lower, 0.0)
+    passive = y > _KKT_TOL * (1 + y.max())
+    y = _towards_passive_optimum(K, q, passive, np.where(passive, y, 0.0))
+    for _ in range(3 * len(q) + 10):
+        gradient = K @ y + q
+        gradient[passive] = np.inf
+        j = int(np.argmin(gradient))
+        if gradient[j] >= -_KKT_TOL * (1 + np.abs(y).max()):
+            break
+        passive[j] = True
+        y = _towards_passive_optimum(K, q, passive, y)
+    refined = torch.as_tensor(y + lower, dtype=torch.float64)
+    return refined if bool(_kkt(problem, refined) <= _kkt(problem, u)) else u
+
+
+def _towards_passive_optimum(
+    K: np.ndarray, q: np.ndarray, passive: np.ndarray, y: np.ndarray
+) -> np.ndarray:
+    """Lawson–Hanson inner loop: move from feasible ``y`` to the optimum on the passive set.
+
+    Solves the stationarity equations of the passive variables (the others at 0); if that
+    point is infeasible, steps towards it until a passive variable reaches 0, drops it, and
+    repeats. ``passive`` is updated in place.
+    """
+    for _ in range(len(q) + 1):
+        index = np.flatnonzero(passive)
+        if index.size == 0:
+            return np.zeros_like(y)
+        z = np.zeros_like(y)
+        z[index] = np.linalg.lstsq(K[np.ix_(index, index)], -q[index], rcond=None)[0]
+        if np.all(z[index] > 0):
+            return z
+        blocking = index[z[index] <= 0]
+        alpha = np.min(y[blocking] / (y[blocking] - z[blocking]))
+        y = y + alpha * (z - y)
+        passive &= y > _KKT_TOL * (1 + np.abs(y).max())
+        y[~passive] = 0.0
+    return y
 
 
 def is_host_solver(solver: str) -> bool:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from gradsurgery import qp
 from gradsurgery.errors import SolverError
 from tests import reference
+from tests.strategies import problems
 from tests.sync_guard import HostSyncError, no_host_sync
 
 SOLVERS = ["enumerate", "daqp", "osqp", "quadprog", "clarabel"]
@@ -113,3 +114,16 @@ def test_bad_solver_names_are_rejected_with_the_choices():
         qp.solve_lower_bounded(K, b, lower, "no-such-solver")
     with pytest.raises(ValueError, match="exactly one"):
         qp.solve_lower_bounded(K, b, lower, "closed_form")
+
+
+@pytest.mark.parametrize("solver", ["daqp", "osqp"])
+@given(problem=problems(max_t=16, max_p=12))
+def test_host_backends_are_exact_on_degenerate_problems(solver, problem):
+    # many constraints in few dimensions: a singular Gram, where backends alone stop early
+    J, g = problem.J.numpy(), problem.g.numpy()
+    K, b = torch.tensor(J @ J.T), torch.tensor(J @ g)
+    solution = qp.solve_lower_bounded(K, b, torch.zeros(len(J), dtype=torch.float64), solver)
+    v = solution.v.numpy()
+    scale = np.linalg.norm(g) + float(np.sum(np.abs(v) * np.linalg.norm(J, axis=1)))
+    assert np.linalg.norm(g + J.T @ v - reference.solve_dual(g, J)) <= 1e-9 * scale
+    assert float(solution.kkt_residual) <= 1e-9

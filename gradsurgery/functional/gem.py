@@ -1,7 +1,7 @@
 r"""GEM: projection of a gradient onto the cone where no memory loss increases.
 
 Gradient Episodic Memory (Lopez-Paz & Ranzato, 2017), used for cross-lingual fine-tuning by
-Liu et al. (2020), replaces the task gradient :math:`g` by the closest vector that has a
+Liu et al. (2021), replaces the task gradient :math:`g` by the closest vector that has a
 non-negative inner product with every memory ("constraint") gradient
 :math:`g_1, \dots, g_t` (the rows of :math:`J`):
 

@@ -27,6 +27,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
 from gradsurgery.flat import GradientBank
@@ -73,6 +74,9 @@ class _RowsForScaler:
 class SurgeryOptimizer(Optimizer, Generic[StatsT]):
     """Base class: an optimizer that rewrites ``.grad`` before an inner optimizer steps.
 
+    Subclasses set :attr:`row_kind` (what an extra row is, e.g. ``"constraint"``, also the
+    name of their public routing method) and implement :meth:`_surgery`.
+
     Args:
         optimizer: the inner optimizer; it keeps its parameters, groups and state.
         rows: names of the extra gradient rows (constraints, objectives).
@@ -83,6 +87,8 @@ class SurgeryOptimizer(Optimizer, Generic[StatsT]):
             before changing anything. On an accelerator this reads a few numbers back to
             the host once per step; ``False`` keeps the step free of host synchronisation.
     """
+
+    row_kind = "row"
 
     def __init__(
         self,
@@ -201,14 +207,15 @@ class SurgeryOptimizer(Optimizer, Generic[StatsT]):
             self._routing = False
         self._filled[index] = True
 
-    def _check_filled(self, what: str, opener: str) -> None:
+    def _check_filled(self) -> None:
         missing = [
             name for name, filled in zip(self.row_names, self._filled, strict=True) if not filled
         ]
         if missing:
+            kind = self.row_kind
             raise RuntimeError(
-                f"no gradient for {what} {', '.join(map(repr, missing))} since the last step; "
-                f"run its backward inside `with optimizer.{opener}(name):`"
+                f"no gradient for {kind} {', '.join(map(repr, missing))} since the last step; "
+                f"run its backward inside `with optimizer.{kind}(name):`"
             )
 
     # -- the step ------------------------------------------------------------------------
@@ -225,18 +232,14 @@ class SurgeryOptimizer(Optimizer, Generic[StatsT]):
     def _unscale_rows(self) -> None:
         scaler = self.grad_scaler
         assert scaler is not None
-        from torch.amp.grad_scaler import OptState
-
+        # GradScaler has no public way to ask whether it already unscaled an optimizer's
+        # gradients this iteration; its per-optimizer stage has been stable since 1.6.
         if scaler._per_optimizer_states[id(self)]["stage"] is OptState.READY:
             scaler.unscale_(self)
         scaler.unscale_(self._scaler_rows)  # type: ignore[arg-type]
 
     def _surgery(self) -> StatsT:
         """Rewrite row 0 of the bank from the rows (subclasses); return the step's stats."""
-        raise NotImplementedError
-
-    def _ready(self) -> None:
-        """Raise if the step's extra gradients are incomplete (subclasses)."""
         raise NotImplementedError
 
     def apply_surgery(self) -> StatsT:
@@ -250,7 +253,7 @@ class SurgeryOptimizer(Optimizer, Generic[StatsT]):
             return self._pending
         if self._routing:
             raise RuntimeError("apply_surgery() was called inside a gradient routing block")
-        self._ready()
+        self._check_filled()
         self._refresh_bank()
         self._bank.repair()
         if self._scaler_enabled:
@@ -263,7 +266,9 @@ class SurgeryOptimizer(Optimizer, Generic[StatsT]):
         """Apply the surgery (unless :meth:`apply_surgery` did) and step the inner optimizer.
 
         ``closure``, if given, is called first with gradients enabled, as ``torch.optim``
-        optimizers do; it must compute this step's gradients (task and extra).
+        optimizers do; it must compute this step's gradients (task and extra). If the inner
+        step raises, the rewritten ``.grad`` stays and a second ``step()`` retries the
+        inner step without redoing the surgery.
         """
         loss = None
         if closure is not None:

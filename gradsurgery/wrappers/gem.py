@@ -1,6 +1,6 @@
 r"""``GEMProjector``: fine-tune without increasing the memory losses (GEM, A-GEM).
 
-Liu et al. (2020), *Preserving Cross-Linguality of Pre-trained Models via Continual
+Liu et al. (2021), *Preserving Cross-Linguality of Pre-trained Models via Continual
 Learning*, fine-tune mBERT/XLM-R with Gradient Episodic Memory (Lopez-Paz & Ranzato, 2017):
 at every step the task gradient :math:`g` is replaced by
 
@@ -169,6 +169,8 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
             devices, or an unknown solver.
     """
 
+    row_kind = "constraint"
+
     def __init__(
         self,
         optimizer: Optimizer,
@@ -215,9 +217,6 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         if isinstance(name, str) and name in self.row_names:
             return self.row_names.index(name)
         raise ValueError(f"unknown constraint {name!r}; the constraints are {list(self.row_names)}")
-
-    def _ready(self) -> None:
-        self._check_filled("constraint", "constraint")
 
     def _surgery(self) -> GEMStats:
         bank = self._bank

@@ -1,0 +1,86 @@
+"""CUDA: the same results as on the CPU, and no host synchronisation in the surgery.
+
+Skipped without a CUDA device (see conftest.py); run them on a GPU machine with
+``python -m pytest -m cuda``.
+"""
+
+import pytest
+import torch
+
+from gradsurgery import GEMProjector
+from gradsurgery.functional import gem_project
+from tests.helpers import memory_loss, mlp, task_loss
+
+pytestmark = pytest.mark.cuda
+NAMES = ["mlm", "xsr"]
+
+
+@pytest.mark.parametrize("t", [1, 3, 8, 12])
+def test_projection_matches_the_cpu(t):
+    generator = torch.Generator().manual_seed(t)
+    J = torch.randn(t, 4096, generator=generator, dtype=torch.float64)
+    g = -J.sum(dim=0) + torch.randn(4096, generator=generator, dtype=torch.float64)
+    x_cpu = gem_project(g, J)
+    x_gpu = gem_project(g.cuda(), J.cuda())
+    assert x_gpu.device.type == "cuda"
+    torch.testing.assert_close(x_gpu.cpu(), x_cpu, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("t", [1, 2, 8])
+@pytest.mark.parametrize("mode", ["gem", "agem"])
+def test_functional_projection_does_not_synchronise(t, mode):
+    J = torch.randn(t, 100_000, device="cuda")
+    g = -J.sum(dim=0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x = gem_project(g, J, mode=mode, validate=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    constraints = J if mode == "gem" else J.mean(dim=0, keepdim=True)
+    dots = constraints @ x
+    assert bool((dots >= -1e-4 * constraints.norm(dim=1) * g.norm()).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wrapper_step_does_not_synchronise_and_matches_the_cpu(dtype):
+    nets = {device: mlp(dtype=dtype).to(device) for device in ("cpu", "cuda")}
+    opts = {
+        device: GEMProjector(
+            torch.optim.SGD(net.parameters(), lr=0.1), constraints=NAMES, validate=False
+        )
+        for device, net in nets.items()
+    }
+    for step in range(3):
+        for device, net in nets.items():
+            opt = opts[device]
+            opt.zero_grad()
+            task_loss(net, step).backward()
+            for k, name in enumerate(NAMES):
+                with opt.constraint(name):
+                    memory_loss(net, step, k).backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt.apply_surgery()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            opt.step()
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for p, q in zip(nets["cpu"].parameters(), nets["cuda"].parameters(), strict=True):
+        torch.testing.assert_close(q.cpu(), p, rtol=tolerance, atol=tolerance)
+
+
+def test_tf32_does_not_leak_into_the_gram():
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        J = torch.randn(2, 1 << 20, device="cuda")
+        g = -J[0] + 1e-3 * torch.randn(1 << 20, device="cuda")
+        x = gem_project(g, J)
+        x_ref = gem_project(g.double(), J.double())
+        torch.testing.assert_close(x.double(), x_ref, rtol=1e-4, atol=1e-5)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous

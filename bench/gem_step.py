@@ -14,7 +14,7 @@ For each parameter count ``p`` and number of constraints ``t`` it measures, on o
   projection), its result then written into ``.grad``; skipped if TorchJD is not installed;
 * ``floor``: the time to move the bytes a projection must move, ``(2t + 3)·p`` values
   (read ``[g; J]`` for the Gram, read it again and write ``x``), at the copy bandwidth
-  measured on the same device in the same run;
+  measured on the same device, interleaved with the surgery's own samples;
 * the inner optimizer's step (SGD) for scale.
 
 Every figure is the median of ``--repeat`` timed runs after a warm-up. Gradients are built
@@ -87,8 +87,9 @@ def samples(
     repeat: int,
     setup: Callable[[], Any] = lambda: None,
 ) -> list[float]:
-    setup()
-    fn()  # warm-up
+    for _ in range(2):  # warm-up: first touch of fresh memory, lazy initialisation
+        setup()
+        fn()
     out = []
     for _ in range(repeat):
         setup()
@@ -96,12 +97,20 @@ def samples(
     return out
 
 
-def copy_bandwidth(device: torch.device, numel: int, repeat: int) -> float:
-    """Bytes per second of ``dst.copy_(src)`` (read + write), median over ``repeat``."""
-    src = torch.ones(numel, device=device)
-    dst = torch.empty_like(src)
-    times = samples(timer(device), lambda: dst.copy_(src), repeat)
-    return 2 * numel * 4 / statistics.median(times)
+def transient_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Largest memory ``fn`` allocates on top of what exists (CUDA: peak; CPU: largest block)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated(device) - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((int(e.cpu_memory_usage) for e in prof.events()), default=0)
 
 
 def conflicting_rows(block: torch.Tensor, seed: int) -> None:
@@ -158,9 +167,7 @@ def published_step(
 # -- one configuration -------------------------------------------------------------------------
 
 
-def run(
-    p: int, t: int, device: torch.device, repeat: int, bandwidth: float, methods: set[str]
-) -> dict[str, Any]:
+def run(p: int, t: int, device: torch.device, repeat: int, methods: set[str]) -> dict[str, Any]:
     measure = timer(device)
     params = bert_like_params(p, device, torch.float32)
     opt = GEMProjector(
@@ -174,7 +181,15 @@ def run(
     def restore() -> None:
         block[0].copy_(task)
 
-    surgery = samples(measure, opt._surgery, repeat, restore)
+    # The floor is measured next to the surgery, sample by sample: copying one row moves 2p
+    # values, so the floor for (2t + 3)p values is (2t + 3)/2 row copies.
+    scratch = torch.empty_like(task)
+    surgery, copies = [], []
+    for _ in range(repeat + 2):
+        restore()
+        surgery.append(measure(opt._surgery))
+        copies.append(measure(lambda: scratch.copy_(task)))
+    surgery, copies = surgery[2:], copies[2:]  # the first two are warm-up
     restore()
     opt._surgery()
     reference = block[0].clone()
@@ -182,8 +197,11 @@ def run(
     result["inner_step"] = {"samples": samples(measure, opt.optimizer.step, repeat)}
     result["inner_step"]["median_s"] = statistics.median(result["inner_step"]["samples"])
     result["extra_memory_bytes"] = sum(b[1:].numel() * b.element_size() for b in opt.bank.blocks)
-    floor = (2 * t + 3) * p * 4 / bandwidth
-    result["floor_s"] = floor
+    restore()
+    result["surgery_transient_bytes"] = transient_bytes(opt._surgery, device)
+    result["copy_bandwidth_GBps"] = 2 * p * 4 / statistics.median(copies) / 1e9
+    result["floor_s"] = (2 * t + 3) / 2 * statistics.median(copies)
+    result["floor_samples"] = [(2 * t + 3) / 2 * c for c in copies]
 
     def error(x: torch.Tensor) -> float:
         return float((x - reference).norm() / reference.norm())
@@ -247,12 +265,12 @@ def _peer_cells(result: dict[str, Any], name: str, ours: float) -> tuple[str, st
 
 def markdown(results: list[dict[str, Any]], machine: dict[str, Any]) -> str:
     lines = [
-        f"GEM step on {machine['device_name']} ({machine['date']}, torch {machine['torch']}, "
-        f"copy bandwidth {machine['copy_bandwidth_GBps']:.1f} GB/s)",
+        f"GEM step on {machine['device_name']} ({machine['date']}, torch {machine['torch']}); "
+        "floor: (2t + 3)·p fp32 values at the copy bandwidth measured next to each run",
         "",
-        "| p | t | gradsurgery | vs floor | inner SGD step | published GEM | speed-up "
-        "| TorchJD | speed-up | extra memory |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| p | t | gradsurgery | vs floor | copy GB/s | inner SGD step | published GEM | speed-up "
+        "| TorchJD | speed-up | extra memory | transient |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         ours = r["gradsurgery"]["median_s"]
@@ -260,8 +278,10 @@ def markdown(results: list[dict[str, Any]], machine: dict[str, Any]) -> str:
         torchjd, torchjd_x = _peer_cells(r, "torchjd", ours)
         lines.append(
             f"| {r['p']:.0e} | {r['t']} | {1e3 * ours:.2f} ms | {ours / r['floor_s']:.2f}× | "
+            f"{r['copy_bandwidth_GBps']:.1f} | "
             f"{1e3 * r['inner_step']['median_s']:.2f} ms | {published} | {published_x} | "
-            f"{torchjd} | {torchjd_x} | {r['extra_memory_bytes'] / 2**20:.0f} MiB (= t·p·4 B) |"
+            f"{torchjd} | {torchjd_x} | {r['extra_memory_bytes'] / 2**20:.0f} MiB (= t·p·4 B) | "
+            f"{r['surgery_transient_bytes'] / 2**20:.1f} MiB |"
         )
     return "\n".join(lines) + "\n"
 
@@ -285,7 +305,6 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    bandwidth = copy_bandwidth(device, 1 << 27, args.repeat)
     machine = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
@@ -294,7 +313,6 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "gradsurgery": gradsurgery.__version__,
-        "copy_bandwidth_GBps": bandwidth / 1e9,
     }
     results = []
     for p in (int(x) for x in args.params):
@@ -302,7 +320,7 @@ def main() -> None:
             methods = set(args.methods)
             if "published" in methods and p * (t + 1) * 16 > args.max_published_bytes:
                 methods.discard("published")
-            result = run(p, t, device, args.repeat, bandwidth, methods)
+            result = run(p, t, device, args.repeat, methods)
             if "published" in args.methods and "published" not in methods:
                 result["published"] = {"skipped": "needs more memory than --max-published-bytes"}
             results.append(result)

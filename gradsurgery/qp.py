@@ -153,14 +153,6 @@ def _enumerate(problem: _Scaled) -> Tensor:
 
 
 def _qpsolvers(problem: _Scaled, solver: str) -> Tensor:
-    import qpsolvers
-
-    if solver not in qpsolvers.available_solvers:
-        raise ValueError(
-            f"qpsolvers backend {solver!r} is not installed; available: "
-            f"{', '.join(sorted(qpsolvers.available_solvers))} (or 'enumerate' for t ≤ "
-            f"{MAX_ENUMERATE})"
-        )
     host = _Scaled(*(x.detach().cpu() for x in problem))
     # A zero constraint row (an objective that reaches no parameter) has nothing to solve
     # for: its multiplier stays at its bound. Backends that need K nonsingular fail on it.
@@ -251,13 +243,27 @@ def is_host_solver(solver: str) -> bool:
 
 
 def resolve_solver(solver: str, t: int) -> str:
-    """The solver ``"auto"`` stands for with ``t`` constraints; others are checked."""
+    """The solver ``"auto"`` stands for with ``t`` constraints; other names are checked.
+
+    Raises:
+        ValueError: ``"closed_form"`` with ``t ≠ 1``, or a name that is neither a solver of
+            this module nor an installed qpsolvers backend.
+    """
     if solver == "auto":
         if t == 1:
             return "closed_form"
         return "enumerate" if t <= MAX_ENUMERATE else "daqp"
     if solver == "closed_form" and t != 1:
         raise ValueError(f"solver 'closed_form' needs exactly one constraint, got {t}")
+    if is_host_solver(solver):
+        import qpsolvers
+
+        if solver not in qpsolvers.available_solvers:
+            raise ValueError(
+                f"solver {solver!r} is not installed; choose 'auto', 'enumerate', "
+                f"'closed_form' (t = 1) or a qpsolvers backend: "
+                f"{', '.join(map(repr, sorted(qpsolvers.available_solvers)))}"
+            )
     return solver
 
 

@@ -602,3 +602,12 @@ def test_one_line_wrap_of_a_model_with_a_loss_it_does_not_reach():
         offset += p.numel()
     ref_opt.step()
     assert params_equal(net, ref)
+
+
+def test_a_refused_construction_leaves_the_model_alone():
+    net = mlp()
+    task_loss(net, 0).backward()
+    grads = [p.grad for p in net.parameters()]
+    with pytest.raises(ValueError):
+        GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1), constraints=2, solver="nope")
+    assert all(p.grad is g for p, g in zip(net.parameters(), grads, strict=True))

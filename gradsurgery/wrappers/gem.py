@@ -185,16 +185,8 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
     ) -> None:
         check_options(margin, mode, eps)
         names = _constraint_names(constraints)
+        qp.resolve_solver(solver, len(names))
         super().__init__(optimizer, names, grad_scaler=grad_scaler, validate=validate)
-        resolved = qp.resolve_solver(solver, len(names))
-        if qp.is_host_solver(resolved):
-            import qpsolvers
-
-            if resolved not in qpsolvers.available_solvers:
-                raise ValueError(
-                    f"solver {solver!r} is not installed; available: 'auto', 'enumerate', "
-                    f"{', '.join(map(repr, sorted(qpsolvers.available_solvers)))}"
-                )
         self.margin = float(margin)
         self.mode: GEMMode = mode
         self.solver = solver

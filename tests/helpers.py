@@ -58,12 +58,19 @@ def reference_step(
     optimizer.step()
 
 
-def wrapped_step(opt, net: nn.Module, step: int, names: Sequence[str]) -> None:
-    opt.zero_grad()
-    task_loss(net, step).backward()
+def backward_all(opt, net: nn.Module, step: int, names: Sequence[str]) -> torch.Tensor:
+    """The task backward into ``.grad`` and each memory backward into its constraint row."""
+    loss = task_loss(net, step)
+    loss.backward()
     for k, name in enumerate(names):
         with opt.constraint(name):
             memory_loss(net, step, k).backward()
+    return loss
+
+
+def wrapped_step(opt, net: nn.Module, step: int, names: Sequence[str]) -> None:
+    opt.zero_grad()
+    backward_all(opt, net, step, names)
     opt.step()
 
 

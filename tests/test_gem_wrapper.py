@@ -10,6 +10,7 @@ from torch import nn
 from gradsurgery import GEMProjector, NonFiniteGradientError
 from gradsurgery.functional import gem_project
 from tests.helpers import (
+    backward_all,
     batch_loss,
     memory_loss,
     mlp,
@@ -195,10 +196,7 @@ def test_clipping_after_the_projection():
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
     for step in range(4):
         opt.zero_grad()
-        task_loss(net, step).backward()
-        for k, name in enumerate(NAMES):
-            with opt.constraint(name):
-                memory_loss(net, step, k).backward()
+        backward_all(opt, net, step, NAMES)
         opt.apply_surgery()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05)
         opt.step()
@@ -220,12 +218,7 @@ def test_closure_is_called_once_before_the_step():
     def closure():
         calls.append(1)
         opt.zero_grad()
-        loss = task_loss(net, 0)
-        loss.backward()
-        for k, name in enumerate(NAMES):
-            with opt.constraint(name):
-                memory_loss(net, 0, k).backward()
-        return loss
+        return backward_all(opt, net, 0, NAMES)
 
     loss = opt.step(closure)
     reference_step(ref, ref_opt, 0, len(NAMES))
@@ -276,10 +269,7 @@ def test_model_zero_grad_instead_of_the_optimizers():
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     for step in range(4):
         net.zero_grad(set_to_none=True)  # breaks the views; the wrapper re-binds them
-        task_loss(net, step).backward()
-        for k, name in enumerate(NAMES):
-            with opt.constraint(name):
-                memory_loss(net, step, k).backward()
+        backward_all(opt, net, step, NAMES)
         opt.step()
         reference_step(ref, ref_opt, step, len(NAMES))
         assert params_equal(net, ref)
@@ -394,10 +384,7 @@ def test_a_stale_constraint_row_is_cleared_before_it_is_refilled():
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     for step in range(3):
         net.zero_grad()  # the model's zero_grad does not know about constraint rows
-        task_loss(net, step).backward()
-        for k, name in enumerate(NAMES):
-            with opt.constraint(name):
-                memory_loss(net, step, k).backward()
+        backward_all(opt, net, step, NAMES)
         opt.step()
         reference_step(ref, ref_opt, step, len(NAMES))
         assert params_equal(net, ref)
@@ -561,10 +548,7 @@ def test_a_step_with_validation_off_does_not_synchronise():
     for step in range(3):
         with no_host_sync():
             opt.zero_grad()
-            task_loss(net, step).backward()
-            for k, name in enumerate(NAMES):
-                with opt.constraint(name):
-                    memory_loss(net, step, k).backward()
+            backward_all(opt, net, step, NAMES)
             opt.apply_surgery()
         opt.step()
         reference_step(ref, ref_opt, step, len(NAMES))

@@ -12,7 +12,13 @@ optimizer steps:
 from gradsurgery import functional, qp
 from gradsurgery.errors import NonFiniteGradientError, SolverError
 from gradsurgery.flat import GradientBank
-from gradsurgery.wrappers import GEMProjector, GEMStats, StepStats, SurgeryOptimizer
+from gradsurgery.wrappers import (
+    GEMProjector,
+    GEMStats,
+    StepStats,
+    SurgeryOptimizer,
+    WrappedOptimizer,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -24,6 +30,7 @@ __all__ = [
     "SolverError",
     "StepStats",
     "SurgeryOptimizer",
+    "WrappedOptimizer",
     "__version__",
     "functional",
     "qp",

@@ -595,3 +595,9 @@ def test_a_refused_construction_leaves_the_model_alone():
     with pytest.raises(ValueError):
         GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1), constraints=2, solver="nope")
     assert all(p.grad is g for p, g in zip(net.parameters(), grads, strict=True))
+
+
+def test_two_surgeries_cannot_be_stacked():
+    inner = GEMProjector(torch.optim.SGD(mlp().parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="one gradient surgery"):
+        GEMProjector(inner)

@@ -34,7 +34,7 @@ from gradsurgery.functional.gem import (
     gem_multipliers,
     raise_if_failed,
 )
-from gradsurgery.wrappers.base import SurgeryOptimizer
+from gradsurgery.wrappers.surgery import SurgeryOptimizer
 
 __all__ = ["GEMProjector", "GEMStats"]
 

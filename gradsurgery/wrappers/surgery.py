@@ -1,17 +1,14 @@
-"""The wrapper mechanics every gradient surgery shares.
+"""The mechanics every gradient surgery shares.
 
-A :class:`SurgeryOptimizer` is a :class:`torch.optim.Optimizer` around an inner optimizer:
+A :class:`SurgeryOptimizer` is a :class:`~gradsurgery.wrappers.wrapped.WrappedOptimizer`
+(groups, state and state dict are the inner optimizer's) that rewrites the gradient:
 
-* ``param_groups`` and ``state`` *are* the inner optimizer's, so LR schedulers, gradient
-  clipping and ``GradScaler`` see the same groups and tensors as without the wrapper;
 * every trainable parameter's ``.grad`` is a view into row 0 of a
   :class:`~gradsurgery.flat.GradientBank`; the wrapper's extra gradients (GEM constraints,
   per-language objectives) are rows 1..k, filled by backward passes run inside
   :meth:`SurgeryOptimizer._route`;
 * :meth:`SurgeryOptimizer.apply_surgery` rewrites row 0 in place (``step()`` calls it when
-  the user has not), then ``step()`` steps the inner optimizer;
-* ``state_dict()`` is the inner optimizer's, with the wrapper's own state appended under
-  the key ``"gradsurgery"`` (a list, so wrappers can be stacked).
+  the user has not), then ``step()`` steps the inner optimizer.
 
 Extra rows are zeroed lazily: a row used by a step is cleared by the next backward routed
 to it, so gradient accumulation over micro-batches works, and a stale row is never read
@@ -20,7 +17,6 @@ even if the user zeroes gradients through the model instead of the optimizer.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Generic, Protocol, TypeVar
@@ -31,10 +27,9 @@ from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
 from gradsurgery.flat import GradientBank
+from gradsurgery.wrappers.wrapped import WrappedOptimizer
 
 __all__ = ["StepStats", "SurgeryOptimizer"]
-
-STATE_KEY = "gradsurgery"
 
 
 class StepStats(Protocol):
@@ -71,7 +66,7 @@ class _RowsForScaler:
         self.param_groups = [{"params": holders}]
 
 
-class SurgeryOptimizer(Optimizer, Generic[StatsT]):
+class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
     """Base class: an optimizer that rewrites ``.grad`` before an inner optimizer steps.
 
     Subclasses set :attr:`row_kind` (what an extra row is, e.g. ``"constraint"``, also the
@@ -98,23 +93,19 @@ class SurgeryOptimizer(Optimizer, Generic[StatsT]):
         grad_scaler: torch.amp.GradScaler | None = None,
         validate: bool = True,
     ) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+        super().__init__(optimizer)
+        inner: Optimizer = optimizer
+        while isinstance(inner, WrappedOptimizer):
+            if isinstance(inner, SurgeryOptimizer):
+                raise ValueError(
+                    f"{type(self).__name__} cannot wrap a {type(inner).__name__}: both would "
+                    "own the parameters' .grad; use one gradient surgery per optimizer"
+                )
+            inner = inner.optimizer
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(
                 f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
             )
-        self.optimizer = optimizer
-        self.defaults = optimizer.defaults
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
         self.row_names: tuple[str, ...] = tuple(rows)
         self.grad_scaler = grad_scaler
         self.validate = validate
@@ -126,34 +117,9 @@ class SurgeryOptimizer(Optimizer, Generic[StatsT]):
         self._pending: StatsT | None = None
         self.last_stats: StatsT | None = None
 
-    # -- the inner optimizer's groups and state are the wrapper's -------------------------
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The inner optimizer's parameter groups (the same list)."""
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, groups: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = groups
-
-    @property
-    def state(self) -> Any:
-        """The inner optimizer's per-parameter state (the same mapping)."""
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, state: Any) -> None:
-        self.optimizer.state = state
-
-    def __repr__(self) -> str:
-        settings = ", ".join(f"{key}={value!r}" for key, value in self._settings().items())
-        inner = repr(self.optimizer).replace("\n", "\n  ")
-        return f"{type(self).__name__}({settings},\n  optimizer={inner})"
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the inner optimizer; its trainable parameters join the flat buffer."""
-        self.optimizer.add_param_group(param_group)
+        super().add_param_group(param_group)
         self._refresh_bank()
 
     # -- gradients ---------------------------------------------------------------------
@@ -286,49 +252,14 @@ class SurgeryOptimizer(Optimizer, Generic[StatsT]):
     # -- saving and loading --------------------------------------------------------------
 
     def _extra_state(self) -> dict[str, Any]:
-        """The wrapper's own state (subclasses extend it)."""
         return {"rows": list(self.row_names)}
 
     def _check_extra_state(self, state: dict[str, Any]) -> None:
-        """Raise ``ValueError`` if ``state`` cannot be loaded into this wrapper."""
         if list(state.get("rows", [])) != list(self.row_names):
             raise ValueError(
                 f"the state dict was saved with rows {state.get('rows')} but this "
                 f"{type(self).__name__} has {list(self.row_names)}"
             )
 
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore the wrapper's own state (subclasses extend it)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """The inner optimizer's state dict, plus this wrapper's state under ``"gradsurgery"``."""
-        state = dict(self.optimizer.state_dict())
-        entry = {"wrapper": type(self).__name__, **self._extra_state()}
-        state[STATE_KEY] = [*state.get(STATE_KEY, []), entry]
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict made by :meth:`state_dict` of the same stack of wrappers."""
-        stack = list(state_dict.get(STATE_KEY, []))
-        if not stack:
-            raise ValueError(
-                f"this state dict has no {STATE_KEY!r} entry: it was saved from a plain "
-                f"optimizer; load it into the inner optimizer instead "
-                f"({type(self).__name__}.optimizer.load_state_dict)"
-            )
-        entry = stack.pop()
-        if entry.get("wrapper") != type(self).__name__:
-            raise ValueError(
-                f"this state dict was saved from a {entry.get('wrapper')}, not a "
-                f"{type(self).__name__}"
-            )
-        self._check_extra_state(entry)
-        inner = {key: value for key, value in state_dict.items() if key != STATE_KEY}
-        if stack:
-            inner[STATE_KEY] = stack
-        self.optimizer.load_state_dict(inner)
-        self._load_extra_state(entry)
-
     def _settings(self) -> dict[str, Any]:
-        """The constructor settings shown by ``repr`` (subclasses extend it)."""
         return {"validate": self.validate}

@@ -46,6 +46,7 @@ from gradsurgery.errors import SolverError
 __all__ = [
     "MAX_ENUMERATE",
     "QPSolution",
+    "backend_solve",
     "is_host_solver",
     "kkt_residual",
     "resolve_solver",
@@ -161,27 +162,39 @@ def _qpsolvers(problem: _Scaled, solver: str) -> Tensor:
     if bool(live.any()):
         P = host.K[live][:, live].numpy()
         q, lb = host.b[live].numpy(), host.lower[live].numpy()
-        u[live] = torch.as_tensor(_backend_solve(P, q, lb, solver), dtype=torch.float64)
+        u[live] = torch.as_tensor(backend_solve(solver, P, q, lb=lb), dtype=torch.float64)
     return _refine(host, u.maximum(host.lower)).to(problem.K.device)
 
 
-def _backend_solve(P: np.ndarray, q: np.ndarray, lb: np.ndarray, solver: str) -> np.ndarray:
+def backend_solve(
+    solver: str, P: np.ndarray, q: np.ndarray, **constraints: np.ndarray
+) -> np.ndarray:
+    """Run ``qpsolvers.solve_qp(P, q, **constraints)`` with this project's tolerances.
+
+    Warnings are silenced and a missing answer raises :class:`SolverError`: every problem
+    solved here is feasible, so a missing answer is numerical.
+    """
     import qpsolvers
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # qpsolvers warns about dense-to-sparse conversions
         try:
-            u = qpsolvers.solve_qp(
-                P, q, lb=lb, solver=solver, verbose=False, **_BACKEND_OPTIONS.get(solver, {})
+            x = qpsolvers.solve_qp(
+                P,
+                q,
+                solver=solver,
+                verbose=False,
+                **constraints,
+                **_BACKEND_OPTIONS.get(solver, {}),
             )
         except Exception as error:  # backends raise their own exception types
             raise SolverError(f"qpsolvers backend {solver!r} failed: {error}") from error
-    if u is None or not np.all(np.isfinite(u)):
+    if x is None or not np.all(np.isfinite(x)):
         raise SolverError(
-            f"qpsolvers backend {solver!r} returned no solution (t = {len(q)}); the problem "
-            "is always feasible, so this is numerical: try solver='daqp' or 'enumerate'"
+            f"qpsolvers backend {solver!r} returned no solution ({len(q)} variables); the "
+            "problem is always feasible, so this is numerical: try another solver"
         )
-    return np.asarray(u)
+    return np.asarray(x, dtype=np.float64)
 
 
 def _refine(problem: _Scaled, u: Tensor) -> Tensor:

@@ -114,19 +114,6 @@ class GEMStats:
         return {f"gem/{key}": value for key, value in out.items()}
 
 
-def _constraint_names(constraints: int | Sequence[str]) -> tuple[str, ...]:
-    if isinstance(constraints, int):
-        if constraints < 1:
-            raise ValueError(f"constraints must be at least 1, got {constraints}")
-        return tuple(str(k) for k in range(constraints))
-    names = tuple(constraints)
-    if not names or not all(isinstance(name, str) and name for name in names):
-        raise ValueError(f"constraints must be a count or non-empty names, got {constraints!r}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"constraint names must be unique, got {names}")
-    return names
-
-
 class GEMProjector(SurgeryOptimizer[GEMStats]):
     r"""Wrap any optimizer so that each step projects the gradient as GEM does.
 
@@ -184,9 +171,8 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         validate: bool = True,
     ) -> None:
         check_options(margin, mode, eps)
-        names = _constraint_names(constraints)
-        qp.resolve_solver(solver, len(names))
-        super().__init__(optimizer, names, grad_scaler=grad_scaler, validate=validate)
+        qp.resolve_solver(solver, constraints if isinstance(constraints, int) else len(constraints))
+        super().__init__(optimizer, constraints, grad_scaler=grad_scaler, validate=validate)
         self.margin = float(margin)
         self.mode: GEMMode = mode
         self.solver = solver
@@ -198,17 +184,6 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         ``name`` is a constraint's name or index; it may be left out when there is one.
         """
         return self._route(self._index(name))
-
-    def _index(self, name: str | int | None) -> int:
-        if name is None:
-            if len(self.row_names) != 1:
-                raise ValueError(f"name the constraint, one of {list(self.row_names)}")
-            return 0
-        if isinstance(name, int) and 0 <= name < len(self.row_names):
-            return name
-        if isinstance(name, str) and name in self.row_names:
-            return self.row_names.index(name)
-        raise ValueError(f"unknown constraint {name!r}; the constraints are {list(self.row_names)}")
 
     def _surgery(self) -> GEMStats:
         bank = self._bank

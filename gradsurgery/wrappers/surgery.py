@@ -53,17 +53,31 @@ class _RowsForScaler:
 
     ``GradScaler.unscale_(obj)`` unscales the ``.grad`` of every tensor in
     ``obj.param_groups`` and records overflow for ``GradScaler.update()``, which is exactly
-    what the extra rows need: one holder tensor per bank block, whose ``.grad`` is the
-    block's rows 1..k.
+    what the routed rows need: one holder tensor per bank block, whose ``.grad`` is the
+    block's rows 1..k (internal rows after them hold unscaled state and are left alone).
     """
 
-    def __init__(self, bank: GradientBank) -> None:
+    def __init__(self, bank: GradientBank, rows: int) -> None:
         holders = []
         for block in bank.blocks:
-            holder = block[1:].detach()
-            holder.grad = block[1:]
+            routed = block[1 : 1 + rows]
+            holder = routed.detach()
+            holder.grad = routed
             holders.append(holder)
         self.param_groups = [{"params": holders}]
+
+
+def _row_names(rows: int | Sequence[str], kind: str) -> tuple[str, ...]:
+    if isinstance(rows, int):
+        if rows < 1:
+            raise ValueError(f"{kind}s must be at least 1, got {rows}")
+        return tuple(str(k) for k in range(rows))
+    names = tuple(rows)
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f"{kind}s must be a count or non-empty names, got {rows!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{kind} names must be unique, got {names}")
+    return names
 
 
 class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
@@ -74,7 +88,10 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
 
     Args:
         optimizer: the inner optimizer; it keeps its parameters, groups and state.
-        rows: names of the extra gradient rows (constraints, objectives).
+        rows: number or names of the extra gradient rows users route backward passes to
+            (constraints, objectives).
+        internal_rows: further rows the wrapper keeps for itself (e.g. LF-MLF's accumulated
+            direction); never routed to, never unscaled.
         grad_scaler: the ``torch.amp.GradScaler`` used for every backward pass, if any;
             the wrapper unscales its extra rows with it, and a step whose gradients overflow
             is skipped (the scaler then backs off).
@@ -88,11 +105,13 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
     def __init__(
         self,
         optimizer: Optimizer,
-        rows: Sequence[str],
+        rows: int | Sequence[str],
         *,
+        internal_rows: int = 0,
         grad_scaler: torch.amp.GradScaler | None = None,
         validate: bool = True,
     ) -> None:
+        names = _row_names(rows, self.row_kind)
         super().__init__(optimizer)
         inner: Optimizer = optimizer
         while isinstance(inner, WrappedOptimizer):
@@ -106,11 +125,11 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
             raise TypeError(
                 f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
             )
-        self.row_names: tuple[str, ...] = tuple(rows)
+        self.row_names = names
         self.grad_scaler = grad_scaler
         self.validate = validate
-        self._bank = GradientBank(self._all_params(), 1 + len(self.row_names))
-        self._scaler_rows = _RowsForScaler(self._bank)
+        self._bank = GradientBank(self._all_params(), 1 + len(names) + internal_rows)
+        self._scaler_rows = _RowsForScaler(self._bank, len(names))
         self._filled = [False] * len(self.row_names)
         self._stale = [False] * len(self.row_names)
         self._routing = False
@@ -137,7 +156,7 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         """Rebuild the flat buffer if the set of trainable parameters changed."""
         if not self._bank.owns(self._all_params()):
             self._bank = self._bank.rebuilt(self._all_params())
-            self._scaler_rows = _RowsForScaler(self._bank)
+            self._scaler_rows = _RowsForScaler(self._bank, len(self.row_names))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero every gradient row in place.
@@ -151,6 +170,19 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         self._filled = [False] * len(self.row_names)
         self._stale = [False] * len(self.row_names)
         self._pending = None
+
+    def _index(self, name: str | int | None) -> int:
+        """The row of ``name`` (a name or an index; may be left out when there is one)."""
+        kind = self.row_kind
+        if name is None:
+            if len(self.row_names) != 1:
+                raise ValueError(f"name the {kind}, one of {list(self.row_names)}")
+            return 0
+        if isinstance(name, int) and 0 <= name < len(self.row_names):
+            return name
+        if isinstance(name, str) and name in self.row_names:
+            return self.row_names.index(name)
+        raise ValueError(f"unknown {kind} {name!r}; the {kind}s are {list(self.row_names)}")
 
     @contextmanager
     def _route(self, index: int) -> Iterator[None]:

@@ -10,26 +10,41 @@ optimizer steps:
 """
 
 from gradsurgery import functional, qp
-from gradsurgery.errors import NonFiniteGradientError, SolverError
+from gradsurgery.errors import NonFiniteGradientError, ParetoStationaryError, SolverError
 from gradsurgery.flat import GradientBank
 from gradsurgery.wrappers import (
+    MGDA,
     GEMProjector,
     GEMStats,
+    GradVac,
+    MultiObjectiveOptimizer,
+    ObjectiveStats,
+    ParetoLessForgetting,
+    PCGrad,
     StepStats,
     SurgeryOptimizer,
+    Uniform,
     WrappedOptimizer,
 )
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "MGDA",
     "GEMProjector",
     "GEMStats",
+    "GradVac",
     "GradientBank",
+    "MultiObjectiveOptimizer",
     "NonFiniteGradientError",
+    "ObjectiveStats",
+    "PCGrad",
+    "ParetoLessForgetting",
+    "ParetoStationaryError",
     "SolverError",
     "StepStats",
     "SurgeryOptimizer",
+    "Uniform",
     "WrappedOptimizer",
     "__version__",
     "functional",

@@ -6,7 +6,7 @@ optimizer state are left as they were, so the caller may fix the input and retry
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteGradientError", "SolverError"]
+__all__ = ["NonFiniteGradientError", "ParetoStationaryError", "SolverError"]
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -20,3 +20,11 @@ class NonFiniteGradientError(FloatingPointError):
 
 class SolverError(RuntimeError):
     """The quadratic program of a step could not be solved to the required accuracy."""
+
+
+class ParetoStationaryError(RuntimeError):
+    """LF-MLF reached a Pareto-stationary point and was asked to stop (``on_stationary="raise"``).
+
+    No common descent direction of the objectives is left: the min-norm point of their
+    gradients' convex hull is (numerically) zero.
+    """

@@ -94,6 +94,7 @@ class GradientBank:
             for p, view in zip(self.params, self._views[0], strict=True):
                 if p.grad is not None:
                     view.copy_(p.grad)
+        self._lengths: tuple[Tensor, ...] | None = None
         self.bound_row = 0
         self.bind(0)
 
@@ -101,6 +102,10 @@ class GradientBank:
     def numel(self) -> int:
         """Number of gradient entries in one row (``p``)."""
         return sum(block.shape[1] for block in self.blocks)
+
+    def row_views(self, row: int) -> list[Tensor]:
+        """The views of ``row`` shaped like each parameter, in :attr:`params` order."""
+        return self._views[row]
 
     def bind(self, row: int) -> None:
         """Point every parameter's ``.grad`` at its view into ``row``."""
@@ -176,10 +181,40 @@ class GradientBank:
             total = total + _gram.gram(block)
         return total
 
-    def combine_(self, weights: Tensor, *, accumulate: bool) -> None:
+    def combine_(self, weights: Tensor, *, accumulate: bool, rows: slice = slice(1, None)) -> None:
         """Write ``row0 ← row0 + Σ_k w_k row_k`` (``accumulate``) or ``row0 ← Σ_k w_k row_k``.
 
-        ``weights`` has one entry per row after the first.
+        ``weights`` has one entry per row of ``rows`` (default: every row after the first).
         """
         for block in self.blocks:
-            _gram.combine_(block[0], block[1:], weights, accumulate=accumulate)
+            _gram.combine_(block[0], block[rows], weights, accumulate=accumulate)
+
+    @property
+    def segment_lengths(self) -> tuple[Tensor, ...]:
+        """Per block, the number of entries of each of its parameters (a column segment)."""
+        if self._lengths is None:
+            self._lengths = tuple(
+                torch.tensor(
+                    [p.numel() for p in self.params if p.dtype == block.dtype],
+                    device=self.device,
+                )
+                for block in self.blocks
+            )
+        return self._lengths
+
+    def segment_gram(self, rows: slice) -> Tensor:
+        """``(n_params, r, r)``: the Gram matrix of ``rows`` within each parameter tensor."""
+        return torch.cat(
+            [
+                _gram.segment_gram(block[rows], lengths)
+                for block, lengths in zip(self.blocks, self.segment_lengths, strict=True)
+            ]
+        )
+
+    def combine_segments_(self, weights: Tensor, rows: slice) -> None:
+        """Write ``row0`` of each parameter as ``Σ_k weights[param, k] · row_k`` of it."""
+        start = 0
+        for block, lengths in zip(self.blocks, self.segment_lengths, strict=True):
+            part = weights[start : start + lengths.numel()]
+            _gram.combine_segments_(block[0], block[rows], part, lengths)
+            start += lengths.numel()

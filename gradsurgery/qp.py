@@ -44,6 +44,7 @@ from torch import Tensor
 from gradsurgery.errors import SolverError
 
 __all__ = [
+    "KKT_TOLERANCE",
     "MAX_ENUMERATE",
     "QPSolution",
     "backend_solve",
@@ -54,6 +55,8 @@ __all__ = [
 ]
 
 MAX_ENUMERATE = 8
+KKT_TOLERANCE = 1e-6
+"""The largest relative KKT residual a step accepts before raising :class:`SolverError`."""
 _KKT_TOL = 1e-9
 # Interior-point and ADMM backends stop early at their default tolerances (OSQP off by up
 # to 6 %, Clarabel by 5e-6 relative on GEM duals); these settings make them exact to 1e-8.

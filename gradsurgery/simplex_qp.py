@@ -31,6 +31,7 @@ from scipy.optimize import nnls
 from torch import Tensor
 
 from gradsurgery import qp
+from gradsurgery.errors import SolverError
 
 __all__ = [
     "SimplexSolution",
@@ -38,6 +39,7 @@ __all__ = [
     "lfmlf_qp",
     "min_norm_kkt_residual",
     "min_norm_weights",
+    "raise_if_inexact",
 ]
 
 _TOL = 1e-9
@@ -48,6 +50,16 @@ class SimplexSolution(NamedTuple):
 
     w: Tensor
     kkt_residual: Tensor
+
+
+def raise_if_inexact(solution: SimplexSolution, problem: str) -> None:
+    """Raise :class:`SolverError` if ``solution`` is not certified to ``qp.KKT_TOLERANCE``."""
+    residual = float(solution.kkt_residual)
+    if not residual <= qp.KKT_TOLERANCE:
+        raise SolverError(
+            f"{problem} was not solved to tolerance (KKT residual {residual:.2e} > "
+            f"{qp.KKT_TOLERANCE:.0e}); nothing was changed. Try another solver"
+        )
 
 
 def _unit_scale(K: Tensor) -> Tensor:

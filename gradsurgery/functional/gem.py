@@ -39,10 +39,9 @@ from gradsurgery import gram as _gram
 from gradsurgery import qp, sync
 from gradsurgery.errors import NonFiniteGradientError, SolverError
 
-__all__ = ["KKT_TOLERANCE", "GEMMode", "GEMSolution", "gem_multipliers", "gem_project"]
+__all__ = ["GEMMode", "GEMSolution", "gem_multipliers", "gem_project"]
 
 GEMMode = Literal["gem", "agem"]
-KKT_TOLERANCE = 1e-6
 _MODES = ("gem", "agem")
 
 
@@ -136,10 +135,10 @@ def raise_if_failed(finite: bool, kkt_residual: float, solver: str) -> None:
             "was changed. Check the losses of this step, or pass a GradScaler to skip such "
             "steps"
         )
-    if not kkt_residual <= KKT_TOLERANCE:
+    if not kkt_residual <= qp.KKT_TOLERANCE:
         raise SolverError(
             f"the GEM dual was not solved to tolerance (KKT residual {kkt_residual:.2e} > "
-            f"{KKT_TOLERANCE:.0e}, solver {solver!r}); nothing was changed. Try "
+            f"{qp.KKT_TOLERANCE:.0e}, solver {solver!r}); nothing was changed. Try "
             "solver='daqp' or 'enumerate'"
         )
 

@@ -1,7 +1,26 @@
-"""Optimizer wrappers: each rewrites ``.grad`` before the optimizer it wraps steps."""
+"""Optimizer wrappers: each changes the step of the optimizer it wraps."""
 
 from gradsurgery.wrappers.gem import GEMProjector, GEMStats
+from gradsurgery.wrappers.gradvac import GradVac
+from gradsurgery.wrappers.lfmlf import ParetoLessForgetting
+from gradsurgery.wrappers.mgda import MGDA
+from gradsurgery.wrappers.multi import MultiObjectiveOptimizer, ObjectiveStats
+from gradsurgery.wrappers.pcgrad import PCGrad
 from gradsurgery.wrappers.surgery import StepStats, SurgeryOptimizer
+from gradsurgery.wrappers.uniform import Uniform
 from gradsurgery.wrappers.wrapped import WrappedOptimizer
 
-__all__ = ["GEMProjector", "GEMStats", "StepStats", "SurgeryOptimizer", "WrappedOptimizer"]
+__all__ = [
+    "MGDA",
+    "GEMProjector",
+    "GEMStats",
+    "GradVac",
+    "MultiObjectiveOptimizer",
+    "ObjectiveStats",
+    "PCGrad",
+    "ParetoLessForgetting",
+    "StepStats",
+    "SurgeryOptimizer",
+    "Uniform",
+    "WrappedOptimizer",
+]

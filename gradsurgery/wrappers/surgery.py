@@ -155,8 +155,12 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
     def _refresh_bank(self) -> None:
         """Rebuild the flat buffer if the set of trainable parameters changed."""
         if not self._bank.owns(self._all_params()):
-            self._bank = self._bank.rebuilt(self._all_params())
+            old, self._bank = self._bank, self._bank.rebuilt(self._all_params())
             self._scaler_rows = _RowsForScaler(self._bank, len(self.row_names))
+            self._bank_rebuilt(old)
+
+    def _bank_rebuilt(self, old: GradientBank) -> None:
+        """Carry per-parameter state over to a rebuilt buffer (subclasses)."""
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero every gradient row in place.

@@ -1,0 +1,230 @@
+"""Multi-objective wrappers: one gradient row per objective, combined into ``.grad``.
+
+A :class:`MultiObjectiveOptimizer` keeps one row of the flat gradient buffer per
+objective (a source language, a task), filled by the backward passes run inside
+``with opt.objective(name):`` (or all at once by :meth:`MultiObjectiveOptimizer.backward`).
+Each step a subclass turns the rows' Gram matrix into weights ``w``, and the wrapper writes
+``d = Σ_t w_t g_t`` into ``.grad`` (row 0) before the inner optimizer steps. Nothing but
+the objectives' rows is read: a backward pass run outside every ``objective`` block would
+be lost, so with ``validate=True`` it raises instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from gradsurgery.errors import NonFiniteGradientError
+from gradsurgery.wrappers.surgery import SurgeryOptimizer
+
+__all__ = ["MultiObjectiveOptimizer", "ObjectiveStats"]
+
+
+@dataclass(frozen=True)
+class ObjectiveStats:
+    """What one multi-objective step did, derived on demand; tensors stay on the device.
+
+    Attributes:
+        names: the objectives' names, in row order.
+        prefix: the method's name, used as the key prefix of :meth:`to_dict`.
+        gram: ``(T, T)`` Gram matrix of the objectives' gradients, or ``(n, T, T)`` with one
+            per parameter tensor for per-parameter methods.
+        weights: ``(T,)`` weights of ``d = Σ_t w_t g_t``, or ``(n, T)`` per parameter tensor.
+        skipped: the step was skipped (overflow under a GradScaler, or a Pareto-stationary
+            point under the ``"skip"`` policy).
+        extras: method-specific values (e.g. ``"stationary"``, ``"min_norm"``).
+    """
+
+    names: tuple[str, ...]
+    prefix: str
+    gram: Tensor
+    weights: Tensor
+    skipped: bool = False
+    extras: Mapping[str, Tensor] = field(default_factory=dict)
+
+    def _batched(self) -> tuple[Tensor, Tensor]:
+        if self.weights.dim() == 1:
+            return self.gram.unsqueeze(0), self.weights.unsqueeze(0)
+        return self.gram, self.weights
+
+    @property
+    def dots(self) -> Tensor:
+        """``⟨d, g_t⟩`` per objective (``≥ 0``: ``d`` increases no loss to first order)."""
+        K, w = self._batched()
+        return (K @ w.unsqueeze(-1)).squeeze(-1).sum(dim=0)
+
+    @property
+    def direction_norm(self) -> Tensor:
+        """``‖d‖``."""
+        K, w = self._batched()
+        squared = (w.unsqueeze(-2) @ K @ w.unsqueeze(-1)).sum()
+        return squared.clamp(min=0).sqrt()
+
+    @property
+    def grad_norms(self) -> Tensor:
+        """``‖g_t‖`` per objective."""
+        K, _ = self._batched()
+        return K.diagonal(dim1=-2, dim2=-1).sum(dim=0).clamp(min=0).sqrt()
+
+    def to_dict(self) -> dict[str, float]:
+        """Flat ``{"<method>/...": float}`` for a logger. Reads the values back to the host."""
+        out: dict[str, float] = {"skipped": float(self.skipped)}
+        out["direction_norm"] = float(self.direction_norm)
+        out.update({key: float(value) for key, value in self.extras.items()})
+        per_row = [self.dots, self.grad_norms]
+        labels = ["dot", "grad_norm"]
+        if self.weights.dim() == 1:
+            per_row.append(self.weights)
+            labels.append("weight")
+        values = torch.stack([row.double() for row in per_row]).tolist()
+        for label, row in zip(labels, values, strict=True):
+            out.update(
+                {f"{label}/{name}": value for name, value in zip(self.names, row, strict=True)}
+            )
+        return {f"{self.prefix}/{key}": value for key, value in out.items()}
+
+
+class Decision(NamedTuple):
+    """A subclass's answer for one step (see :meth:`MultiObjectiveOptimizer._decide`)."""
+
+    weights: Tensor
+    gram: Tensor
+    skip: bool = False
+    extras: Mapping[str, Tensor] = MappingProxyType({})
+
+
+class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
+    """Base class of the wrappers that combine one gradient per objective.
+
+    Subclasses set :attr:`stats_prefix` and implement :meth:`_decide`.
+
+    Args:
+        optimizer: the inner optimizer.
+        objectives: number of objectives, or their names.
+        internal_rows: rows the subclass keeps for itself after the objectives' rows.
+        grad_scaler: the ``torch.amp.GradScaler`` scaling every backward pass, if any.
+        validate: raise on NaN/Inf gradients, on a backward pass outside every
+            ``objective`` block and on an inexact solve, before changing anything (one
+            small host read per step on an accelerator).
+    """
+
+    row_kind = "objective"
+    stats_prefix = "multi"
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        objectives: int | Sequence[str],
+        *,
+        internal_rows: int = 0,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        validate: bool = True,
+    ) -> None:
+        super().__init__(
+            optimizer,
+            objectives,
+            internal_rows=internal_rows,
+            grad_scaler=grad_scaler,
+            validate=validate,
+        )
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        """The objectives' names."""
+        return self.row_names
+
+    def objective(self, name: str | int | None = None) -> AbstractContextManager[None]:
+        """Send the gradients of backward passes inside the block to objective ``name``."""
+        return self._route(self._index(name))
+
+    def backward(self, losses: Mapping[str, Tensor] | Sequence[Tensor]) -> None:
+        """Run one backward pass per objective, each straight into its row.
+
+        ``losses`` maps every objective's name to its loss, or lists the losses in the
+        objectives' order. The graph is retained until the last backward pass, so the
+        losses may share a forward pass.
+        """
+        if isinstance(losses, Mapping):
+            if set(losses) != set(self.row_names):
+                raise ValueError(
+                    f"losses are given for {sorted(losses)}, the objectives are "
+                    f"{list(self.row_names)}"
+                )
+            ordered = [losses[name] for name in self.row_names]
+        else:
+            ordered = list(losses)
+            if len(ordered) != len(self.row_names):
+                raise ValueError(
+                    f"{len(ordered)} losses for {len(self.row_names)} objectives "
+                    f"{list(self.row_names)}"
+                )
+        for index, loss in enumerate(ordered):
+            with self._route(index):
+                torch.autograd.backward(loss, retain_graph=index < len(ordered) - 1)
+
+    @property
+    def _objective_rows(self) -> slice:
+        return slice(1, 1 + len(self.row_names))
+
+    def _decide(self, gram: Tensor) -> Decision:
+        """Weights for this step from the Gram of every bank row (subclasses)."""
+        raise NotImplementedError
+
+    def _after_apply(self) -> None:
+        """Update internal state once ``d`` is in row 0 (subclasses)."""
+
+    def _surgery(self) -> ObjectiveStats:
+        bank = self._bank
+        gram = bank.gram()
+        if self.reads_host:
+            finite, clean = torch.stack([gram.isfinite().all(), gram[0, 0] == 0]).tolist()
+            if not finite:
+                if self._scaler_enabled:
+                    rows = self._objective_rows
+                    return ObjectiveStats(
+                        self.row_names,
+                        self.stats_prefix,
+                        gram[rows, rows],
+                        torch.zeros_like(gram[0, rows]),
+                        skipped=True,
+                    )
+                raise NonFiniteGradientError(
+                    "a gradient holds NaN or Inf values (or its squared norm overflows); "
+                    "nothing was changed. Check this step's losses, or pass a GradScaler to "
+                    "skip such steps"
+                )
+            if self.validate and not clean:
+                raise RuntimeError(
+                    f"a backward pass outside every `{type(self).__name__}.objective(...)` "
+                    "block wrote into .grad; it would be lost. Run each loss's backward "
+                    "inside its objective block (or use .backward(losses)); nothing was changed"
+                )
+        decision = self._decide(gram)
+        if not decision.skip:
+            if decision.weights.dim() == 2:
+                bank.combine_segments_(decision.weights, rows=self._objective_rows)
+            else:
+                bank.combine_(decision.weights, accumulate=False, rows=self._objective_rows)
+            self._after_apply()
+        return ObjectiveStats(
+            self.row_names,
+            self.stats_prefix,
+            decision.gram,
+            decision.weights,
+            skipped=decision.skip,
+            extras=decision.extras,
+        )
+
+    def _param_index(self) -> dict[int, int]:
+        """Position of each parameter in the inner optimizer's groups (state-dict keys)."""
+        return {id(p): i for i, p in enumerate(self._all_params())}
+
+    def _settings(self) -> dict[str, Any]:
+        return {"objectives": list(self.row_names), **super()._settings()}

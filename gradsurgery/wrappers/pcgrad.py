@@ -1,0 +1,89 @@
+"""``PCGrad``: project each objective's gradient off the ones it conflicts with."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from gradsurgery.functional.pcgrad import conflict_orders, pcgrad_coefficients
+from gradsurgery.functional.validation import check_reduction
+from gradsurgery.wrappers.multi import Decision, MultiObjectiveOptimizer
+
+__all__ = ["PCGrad", "default_generator"]
+
+
+def default_generator(generator: torch.Generator | None) -> torch.Generator:
+    """Return ``generator``, or a new CPU generator seeded from the global RNG.
+
+    Seeding from the global RNG keeps runs reproducible under ``torch.manual_seed``.
+    """
+    if generator is not None:
+        if generator.device.type != "cpu":
+            raise ValueError(
+                f"the generator must be a CPU generator, got one on {generator.device}"
+            )
+        return generator
+    seed = int(torch.randint(2**62, (1,)).item())
+    return torch.Generator().manual_seed(seed)
+
+
+class PCGrad(MultiObjectiveOptimizer):
+    r"""Wrap any optimizer so that each step uses PCGrad's direction (Yu et al., 2020).
+
+    For each objective, in a random order of the others (drawn each step from
+    ``generator``), the parts of its gradient that conflict with another objective's
+    original gradient are projected away; ``d`` is the sum (``"sum"``, the paper's) or the
+    mean of the results. See :mod:`gradsurgery.functional.pcgrad` for the equations. Runs on
+    the Gram matrix without host synchronisation.
+
+    Args:
+        optimizer: the inner optimizer.
+        objectives: number of objectives, or their names.
+        reduction: ``"sum"`` or ``"mean"``.
+        generator: CPU ``torch.Generator`` for the orders (saved in ``state_dict``); by
+            default one seeded from the global RNG.
+        grad_scaler: the ``torch.amp.GradScaler`` scaling every backward pass, if any.
+        validate: raise on NaN/Inf gradients and stray backward passes.
+    """
+
+    stats_prefix = "pcgrad"
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        objectives: int | Sequence[str],
+        *,
+        reduction: str = "sum",
+        generator: torch.Generator | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        validate: bool = True,
+    ) -> None:
+        check_reduction(reduction)
+        generator = default_generator(generator)
+        super().__init__(optimizer, objectives, grad_scaler=grad_scaler, validate=validate)
+        self.reduction = reduction
+        self.generator = generator
+
+    def _decide(self, gram: Tensor) -> Decision:
+        rows = self._objective_rows
+        K = gram[rows, rows]
+        t = K.shape[0]
+        C = pcgrad_coefficients(K, conflict_orders(t, self.generator))
+        weights = C.sum(dim=0)
+        if self.reduction == "mean":
+            weights = weights / t
+        conflicts = (K < 0).triu(diagonal=1).sum()
+        return Decision(weights, K, extras={"conflicting_pairs": conflicts})
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {**super()._extra_state(), "generator": self.generator.get_state()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+    def _settings(self) -> dict[str, Any]:
+        return {**super()._settings(), "reduction": self.reduction}

@@ -1,7 +1,7 @@
 """gradsurgery: ``torch.optim`` wrappers that do gradient surgery against forgetting.
 
-Wrap any optimizer in one line; the wrapper rewrites the gradient before the inner
-optimizer steps:
+Wrap any optimizer in one line; the wrapper rewrites the gradient (or the learning rate of
+each layer set) before the inner optimizer steps:
 
 >>> import torch
 >>> from gradsurgery import GEMProjector
@@ -12,9 +12,14 @@ optimizer steps:
 from gradsurgery import functional, qp
 from gradsurgery.errors import NonFiniteGradientError, SolverError
 from gradsurgery.flat import GradientBank
+from gradsurgery.layers import EncoderLayout, LayerSets
+from gradsurgery.phases import Phase, PhaseDetector
+from gradsurgery.similarity import CKAMonitor
 from gradsurgery.wrappers import (
     GEMProjector,
     GEMStats,
+    PhasedLR,
+    PhasedStats,
     StepStats,
     SurgeryOptimizer,
     WrappedOptimizer,
@@ -23,10 +28,17 @@ from gradsurgery.wrappers import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CKAMonitor",
+    "EncoderLayout",
     "GEMProjector",
     "GEMStats",
     "GradientBank",
+    "LayerSets",
     "NonFiniteGradientError",
+    "Phase",
+    "PhaseDetector",
+    "PhasedLR",
+    "PhasedStats",
     "SolverError",
     "StepStats",
     "SurgeryOptimizer",

@@ -1,5 +1,7 @@
 """Tiny transformers encoders built from configs (no download), and a token-tagging loss."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -75,7 +77,19 @@ def batch(step: int, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, (tokens + tokens.roll(1, dims=1)) % LABELS
 
 
-def tagging_loss(model: nn.Module, step: int) -> torch.Tensor:
+def tagging_loss(model: nn.Module, step: int, shift: int = 0) -> torch.Tensor:
+    """The tagging loss on batch ``step``; ``shift`` relabels it (a conflicting "memory")."""
     tokens, labels = batch(step)
-    loss: torch.Tensor = model(input_ids=tokens, labels=labels).loss
+    loss: torch.Tensor = model(input_ids=tokens, labels=(labels + shift) % LABELS).loss
     return loss
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run on one CPU thread: tiny models are faster so, and do not fight other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -7,6 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gradsurgery.similarity import CKAMonitor, linear_cka
+from tests.encoders import one_thread
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def hsic_cka(x: np.ndarray, y: np.ndarray) -> float:

@@ -228,6 +228,13 @@ class LayerSets:
             to detect the preset from the names.
         num_layers: the encoder's depth, if you want it checked against the names.
 
+    Attributes:
+        layout: the :class:`EncoderLayout` used.
+        location: where the layers are, e.g. ``"bert.encoder.layer.{i}"``.
+        num_layers: the encoder's depth :math:`L`.
+        split: the layers of each set (:class:`LayerSplit`).
+        roles: the role of every parameter, by name, in the order given.
+
     Raises:
         ValueError: the layout matches no parameter, matches several encoders, finds layer
             indices with gaps or another depth than ``num_layers``, or a layer without

@@ -43,9 +43,9 @@ class TwoWindows:
     """The last ``2W`` values of a non-negative signal and the means of its two windows.
 
     :attr:`means` is ``(recent, previous)``: the mean of the last ``W`` values and of the
-    ``W`` before them, or ``None`` until ``2W`` values were pushed. The means are exact sums
-    (:func:`math.fsum`) divided by ``W``, so a restored state gives the same means bit for
-    bit. Each push costs ``O(W)`` on the host.
+    ``W`` before them, or ``None`` until ``2W`` values were pushed. Each is a correctly
+    rounded sum (:func:`math.fsum`) divided by ``W``, recomputed from the stored values, so
+    a restored state gives the same means bit for bit. Each push costs ``O(W)`` on the host.
 
     Args:
         window: ``W``, a positive int.
@@ -57,7 +57,7 @@ class TwoWindows:
         self.signal = signal
         self.count = 0
         self._values: deque[float] = deque(maxlen=2 * self.window)
-        self.means: tuple[float, float] | None = None
+        self._means: tuple[float, float] | None = None
 
     def push(self, value: float | Tensor) -> float:
         """Append ``value`` (a number or a 0-d tensor, read once); return it as a float.
@@ -94,12 +94,17 @@ class TwoWindows:
 
     def _update_means(self) -> None:
         if len(self._values) < 2 * self.window:
-            self.means = None
+            self._means = None
             return
         values = list(self._values)
         previous = math.fsum(values[: self.window]) / self.window
         recent = math.fsum(values[self.window :]) / self.window
-        self.means = (recent, previous)
+        self._means = (recent, previous)
+
+    @property
+    def means(self) -> tuple[float, float] | None:
+        """``(recent, previous)``: the means of the two windows, or ``None`` before ``2W``."""
+        return self._means
 
     @property
     def last(self) -> float | None:

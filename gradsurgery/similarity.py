@@ -45,7 +45,7 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
         x: ``(..., d_x)``: one row per example (all leading dimensions are flattened, so
             ``(batch, tokens, hidden)`` hidden states compare token by token; select the
             non-padding tokens first if the batch is padded).
-        y: ``(..., d_y)`` with the same leading dimensions.
+        y: ``(..., d_y)`` with the same leading dimensions (moved to ``x``'s device).
 
     Returns:
         A value in ``[0, 1]``, computed in float32 (float64 for float64 inputs); NaN if a

@@ -19,7 +19,7 @@ def reference(losses, window, threshold, exponent):
     recent = np.mean(np.asarray(losses[-window:], dtype=np.float64))
     previous = np.mean(np.asarray(losses[-2 * window : -window], dtype=np.float64))
     phase = Phase.P1 if previous - recent > threshold else Phase.P2
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         ratio = float(np.float64(recent) / np.float64(previous)) if previous else None
     if ratio is None:
         ratio = 1.0 if recent == 0 else math.inf

@@ -1,7 +1,7 @@
 """gradsurgery: ``torch.optim`` wrappers that do gradient surgery against forgetting.
 
-Wrap any optimizer in one line; the wrapper rewrites the gradient before the inner
-optimizer steps:
+Wrap any optimizer in one line; the wrapper rewrites the gradient (or the learning rate of
+each layer set) before the inner optimizer steps:
 
 >>> import torch
 >>> from gradsurgery import GEMProjector
@@ -12,6 +12,9 @@ optimizer steps:
 from gradsurgery import functional, qp
 from gradsurgery.errors import NonFiniteGradientError, ParetoStationaryError, SolverError
 from gradsurgery.flat import GradientBank
+from gradsurgery.layers import EncoderLayout, LayerSets
+from gradsurgery.phases import Phase, PhaseDetector
+from gradsurgery.similarity import CKAMonitor
 from gradsurgery.wrappers import (
     MGDA,
     GEMProjector,
@@ -21,6 +24,8 @@ from gradsurgery.wrappers import (
     ObjectiveStats,
     ParetoLessForgetting,
     PCGrad,
+    PhasedLR,
+    PhasedStats,
     StepStats,
     SurgeryOptimizer,
     Uniform,
@@ -31,16 +36,23 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "MGDA",
+    "CKAMonitor",
+    "EncoderLayout",
     "GEMProjector",
     "GEMStats",
     "GradVac",
     "GradientBank",
+    "LayerSets",
     "MultiObjectiveOptimizer",
     "NonFiniteGradientError",
     "ObjectiveStats",
     "PCGrad",
     "ParetoLessForgetting",
     "ParetoStationaryError",
+    "Phase",
+    "PhaseDetector",
+    "PhasedLR",
+    "PhasedStats",
     "SolverError",
     "StepStats",
     "SurgeryOptimizer",

@@ -51,13 +51,13 @@ class SimplexSolution(NamedTuple):
     kkt_residual: Tensor
 
 
-def raise_if_inexact(solution: SimplexSolution, problem: str) -> None:
-    """Raise :class:`SolverError` if ``solution`` is not certified to ``qp.KKT_TOLERANCE``."""
+def raise_if_inexact(solution: SimplexSolution, problem: str, tolerance: float) -> None:
+    """Raise :class:`SolverError` if ``solution`` is not certified to ``tolerance``."""
     residual = float(solution.kkt_residual)
-    if not residual <= qp.KKT_TOLERANCE:
+    if not residual <= tolerance:
         raise SolverError(
             f"{problem} was not solved to tolerance (KKT residual {residual:.2e} > "
-            f"{qp.KKT_TOLERANCE:.0e}); nothing was changed. Try another solver"
+            f"{tolerance:.1e}); nothing was changed. Try another solver"
         )
 
 

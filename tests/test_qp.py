@@ -127,3 +127,10 @@ def test_host_backends_are_exact_on_degenerate_problems(solver, problem):
     scale = np.linalg.norm(g) + float(np.sum(np.abs(v) * np.linalg.norm(J, axis=1)))
     assert np.linalg.norm(g + J.T @ v - reference.solve_dual(g, J)) <= 1e-9 * scale
     assert float(solution.kkt_residual) <= 1e-9
+
+
+def test_the_kkt_tolerance_follows_the_grams_precision():
+    assert qp.kkt_tolerance(4, [torch.float64]) == qp.KKT_TOLERANCE
+    assert qp.kkt_tolerance(2, [torch.float32]) == qp.KKT_TOLERANCE
+    coarse = qp.kkt_tolerance(8, [torch.bfloat16, torch.float64])
+    assert coarse == 8 * 8 * torch.finfo(torch.float32).eps > qp.KKT_TOLERANCE

@@ -114,4 +114,4 @@ def test_lfmlf_needs_a_qpsolvers_backend():
 def test_an_inexact_solution_is_reported():
     solution = simplex_qp.SimplexSolution(torch.ones(2), torch.tensor(1e-3))
     with pytest.raises(SolverError, match="KKT residual"):
-        simplex_qp.raise_if_inexact(solution, "a problem")
+        simplex_qp.raise_if_inexact(solution, "a problem", 1e-6)

@@ -127,7 +127,7 @@ def gem_multipliers(
     )
 
 
-def raise_if_failed(finite: bool, kkt_residual: float, solver: str) -> None:
+def raise_if_failed(finite: bool, kkt_residual: float, solver: str, tolerance: float) -> None:
     """Raise the error a step must not go past: non-finite input or an inexact solve."""
     if not finite:
         raise NonFiniteGradientError(
@@ -135,10 +135,10 @@ def raise_if_failed(finite: bool, kkt_residual: float, solver: str) -> None:
             "was changed. Check the losses of this step, or pass a GradScaler to skip such "
             "steps"
         )
-    if not kkt_residual <= qp.KKT_TOLERANCE:
+    if not kkt_residual <= tolerance:
         raise SolverError(
             f"the GEM dual was not solved to tolerance (KKT residual {kkt_residual:.2e} > "
-            f"{qp.KKT_TOLERANCE:.0e}, solver {solver!r}); nothing was changed. Try "
+            f"{tolerance:.1e}, solver {solver!r}); nothing was changed. Try "
             "solver='daqp' or 'enumerate'"
         )
 
@@ -208,7 +208,8 @@ def gem_project(
         finite, violated, kkt = torch.stack(
             [torch.isfinite(gram).all(), solution.violated, solution.kkt_residual]
         ).tolist()
-        raise_if_failed(bool(finite), kkt, solver)
+        tolerance = qp.kkt_tolerance(constraints.shape[0], [grad.dtype])
+        raise_if_failed(bool(finite), kkt, solver, tolerance)
         if not violated:
             return grad
     elif sync.host_reads_are_free(grad.device) and not bool(solution.violated):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradsurgery import gram, simplex_qp
+from gradsurgery import gram, qp, simplex_qp
 from gradsurgery.functional.validation import check_gradients
 
 __all__ = ["DEFAULT_SOLVER", "lfmlf_weights"]
@@ -65,5 +65,6 @@ def lfmlf_weights(
         check_gradients(accumulated.unsqueeze(0))
         c = gram.cross(grads, accumulated.to(grads.dtype))
     solution = simplex_qp.lfmlf_qp(K, c, solver or DEFAULT_SOLVER)
-    simplex_qp.raise_if_inexact(solution, "LF-MLF's Problem 2")
+    tolerance = qp.kkt_tolerance(grads.shape[0], [grads.dtype])
+    simplex_qp.raise_if_inexact(solution, "LF-MLF's Problem 2", tolerance)
     return solution.w

@@ -200,7 +200,9 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
                 skipped = True
             else:
                 if self.validate:
-                    raise_if_failed(bool(finite), kkt, self.solver)
+                    dtypes = [block.dtype for block in bank.blocks]
+                    tolerance = qp.kkt_tolerance(len(self.row_names), dtypes)
+                    raise_if_failed(bool(finite), kkt, self.solver, tolerance)
                 if violated:
                     bank.combine_(solution.v, accumulate=True)
         elif not sync.host_reads_are_free(bank.device) or bool(solution.violated):

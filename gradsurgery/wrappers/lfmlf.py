@@ -123,7 +123,9 @@ class ParetoLessForgetting(MultiObjectiveOptimizer):
             return Decision(torch.zeros_like(c), K, skip=True, extras=extras)
         solution = simplex_qp.lfmlf_qp(K, c, self.solver)
         if self.validate:
-            simplex_qp.raise_if_inexact(solution, "LF-MLF's Problem 2")
+            dtypes = [block.dtype for block in self._bank.blocks]
+            tolerance = qp.kkt_tolerance(len(self.row_names), dtypes)
+            simplex_qp.raise_if_inexact(solution, "LF-MLF's Problem 2", tolerance)
         return Decision(solution.w, K, extras={**extras, "kkt_residual": solution.kkt_residual})
 
     def _after_apply(self) -> None:

@@ -131,6 +131,6 @@ def test_host_backends_are_exact_on_degenerate_problems(solver, problem):
 
 def test_the_kkt_tolerance_follows_the_grams_precision():
     assert qp.kkt_tolerance(4, [torch.float64]) == qp.KKT_TOLERANCE
-    assert qp.kkt_tolerance(2, [torch.float32]) == qp.KKT_TOLERANCE
+    assert qp.kkt_tolerance(1, [torch.float32]) == qp.KKT_TOLERANCE
     coarse = qp.kkt_tolerance(8, [torch.bfloat16, torch.float64])
     assert coarse == 8 * 8 * torch.finfo(torch.float32).eps > qp.KKT_TOLERANCE

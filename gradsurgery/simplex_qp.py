@@ -14,7 +14,8 @@ of ``T`` gradients with Gram matrix :math:`K`:
     Solved on the host through a qpsolvers backend, then *polished*: the KKT system of the
     active set the backend found is solved exactly and kept if it certifies better. Every
     solution comes with a certificate (:func:`lfmlf_kkt_residual`): multipliers found by
-    non-negative least squares, independent of the solver.
+    non-negative least squares, independent of the solver. (The min-norm point through a
+    qpsolvers backend, for ``T > MAX_ENUMERATE``, is handled the same way.)
 
 Both problems are scaled by the largest diagonal entry of ``K`` first (the minimiser is
 invariant to it), so tolerances mean the same for gradients of any size.
@@ -41,8 +42,6 @@ __all__ = [
     "min_norm_weights",
     "raise_if_inexact",
 ]
-
-_TOL = 1e-9
 
 
 class SimplexSolution(NamedTuple):
@@ -114,15 +113,16 @@ def _enumerate_min_norm(K: Tensor) -> Tensor:
     rhs[:, t] = 1
     solution, info = torch.linalg.solve_ex(A, rhs)
     w = torch.where(torch.isfinite(solution[:, :t]), solution[:, :t], torch.zeros_like(free))
-    Kw = w @ K.T
-    lam = (w * Kw).sum(dim=1, keepdim=True)
-    violation = torch.maximum(w.neg().amax(dim=1), (lam - Kw).amax(dim=1))
-    violation = torch.where(info == 0, violation, torch.full_like(violation, float("inf")))
-    objective = 0.5 * lam.squeeze(1)
-    accepted = violation <= _TOL
-    objective = torch.where(accepted, objective, torch.full_like(objective, float("inf")))
-    best = torch.where(accepted.any(), objective.argmin(), violation.argmin()).reshape(1)
-    return w.index_select(0, best).squeeze(0).clamp(min=0)
+    # Every candidate, clipped to the simplex, is feasible; the optimum is one of them, so
+    # the least objective wins. (A dual-feasibility test with a tolerance would admit wrong
+    # supports when the gradients' norms differ by orders of magnitude.)
+    w = w.clamp(min=0)
+    total = w.sum(dim=1, keepdim=True)
+    usable = (info == 0) & (total.squeeze(1) > 0)
+    w = w / torch.where(total > 0, total, torch.ones_like(total))
+    objective = ((w @ K.T) * w).sum(dim=1)
+    objective = torch.where(usable, objective, torch.full_like(objective, float("inf")))
+    return w.index_select(0, objective.argmin().reshape(1)).squeeze(0)
 
 
 def min_norm_weights(K: Tensor, solver: str = "auto") -> SimplexSolution:
@@ -145,21 +145,27 @@ def min_norm_weights(K: Tensor, solver: str = "auto") -> SimplexSolution:
     if solver == "enumerate":
         w = _enumerate_min_norm(K / _unit_scale(K))
     else:
-        # The min-norm point satisfies Kw ≥ wᵀKw ≥ 0, so adding LF-MLF's constraint Kw ≥ 0
-        # changes nothing: it is LF-MLF's problem with c = 0, polished and certified alike.
-        w = lfmlf_qp(K, torch.zeros_like(K[0]), solver).w
+        w = _simplex_on_host(K, torch.zeros_like(K[0]), solver, descent=False).w
     return SimplexSolution(w, min_norm_kkt_residual(K, w))
 
 
 # -- LF-MLF: Problem 2 ----------------------------------------------------------------------
 
 
-def _lfmlf_certificate(K: np.ndarray, c: np.ndarray, w: np.ndarray) -> float:
+def _unit_problem(K: Tensor, c: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``K`` and ``c`` on the host, divided by ``max diag K`` (the minimiser does not change)."""
+    scale = _unit_scale(K)
+    Kn, cn = ((x / scale).detach().cpu().double().numpy() for x in (K, c))
+    return Kn, cn
+
+
+def _certificate(K: np.ndarray, c: np.ndarray, w: np.ndarray, descent: bool = True) -> float:
+    """KKT residual on the simplex, with LF-MLF's ``Kw ≥ 0`` when ``descent``."""
     t = len(c)
     Kw = K @ w
-    tol = 1e-7 * (1 + np.abs(w).max())
+    tol = 1e-9 * (1 + np.abs(w).max())
     at_zero = np.flatnonzero(w <= tol)
-    at_descent = np.flatnonzero(Kw <= tol)
+    at_descent = np.flatnonzero(Kw <= tol) if descent else np.zeros(0, dtype=int)
     # Kw + c = λ·1 + μ + K ν,  μ ≥ 0 on {w_i = 0},  ν ≥ 0 on {(Kw)_i = 0};  λ free.
     basis = np.hstack([np.ones((t, 1)), -np.ones((t, 1)), np.eye(t)[:, at_zero], K[:, at_descent]])
     multipliers, stationarity = nnls(basis, Kw + c, maxiter=50 * basis.shape[1])
@@ -168,7 +174,8 @@ def _lfmlf_certificate(K: np.ndarray, c: np.ndarray, w: np.ndarray) -> float:
     complementarity = max(
         float(np.max(mu * w[at_zero], initial=0.0)), float(np.max(nu * Kw[at_descent], initial=0.0))
     )
-    primal = max(abs(w.sum() - 1), float(np.max(-w, initial=0.0)), float(np.max(-Kw, initial=0.0)))
+    infeasible = float(np.max(-Kw, initial=0.0)) if descent else 0.0
+    primal = max(abs(w.sum() - 1), float(np.max(-w, initial=0.0)), infeasible)
     scale = 1 + np.abs(c).max() + np.abs(Kw).max()
     return float(max(primal, stationarity / scale, complementarity / scale))
 
@@ -181,25 +188,89 @@ def lfmlf_kkt_residual(K: Tensor, c: Tensor, w: Tensor) -> Tensor:
     non-negative least squares) and complementarity, relative to the problem's scale after
     dividing ``K`` and ``c`` by ``max diag K``.
     """
-    scale = _unit_scale(K)
-    host = [x.detach().cpu().double().numpy() for x in (K / scale, c / scale, w)]
-    return torch.tensor(_lfmlf_certificate(*host), dtype=torch.float64, device=K.device)
+    Kn, cn = _unit_problem(K, c)
+    residual = _certificate(Kn, cn, w.detach().cpu().double().numpy())
+    return torch.tensor(residual, dtype=torch.float64, device=K.device)
 
 
-def _polish_lfmlf(K: np.ndarray, c: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Solve the KKT system of ``w``'s active set exactly; keep it if it certifies better."""
+def _constraint_rows(K: np.ndarray, descent: bool) -> np.ndarray:
+    """The inequality rows ``C`` of ``C w ≥ 0``: ``w ≥ 0``, and LF-MLF's ``K w ≥ 0``."""
+    eye = np.eye(len(K))
+    return np.vstack([eye, K]) if descent else eye
+
+
+def _active_set(K: np.ndarray, c: np.ndarray, w: np.ndarray, descent: bool) -> np.ndarray:
+    """Primal active-set method from a feasible ``w``: exact optimum of the simplex problem.
+
+    Each iteration minimises over the face given by the working set (null-space method;
+    a direction of zero curvature is followed to the next constraint, since the simplex
+    is bounded), or, at a face's minimum, releases the constraint with the most negative
+    multiplier; it stops when none is negative. Backends stop at their tolerances and can
+    settle on a wrong active set when gradient norms differ by orders of magnitude
+    (measured: a min-norm direction 2.6× too long); started from their answer, this ends at
+    once when it was right.
+    """
     t = len(c)
-    tol = 1e-7 * (1 + np.abs(w).max())
-    active = np.vstack([np.ones((1, t)), np.eye(t)[w <= tol], K[K @ w <= tol]])
-    m = active.shape[0]
-    system = np.block([[K, -active.T], [active, np.zeros((m, m))]])
-    rhs = np.concatenate([-c, [1.0], np.zeros(m - 1)])
-    candidate: np.ndarray = np.linalg.lstsq(system, rhs, rcond=None)[0][:t]
-    candidate = np.maximum(candidate, 0.0)
-    candidate /= max(candidate.sum(), 1e-300)
-    if _lfmlf_certificate(K, c, candidate) <= _lfmlf_certificate(K, c, w):
-        return candidate
+    C = _constraint_rows(K, descent)
+    tol = 1e-12
+    working = C @ w <= tol
+    for _ in range(10 * t + 10):
+        gradient = K @ w + c
+        equalities = np.vstack([np.ones((1, t)), C[working]])
+        _, singular, vt = np.linalg.svd(equalities)
+        rank = int(np.sum(singular > tol * max(1.0, singular.max(initial=0.0))))
+        Z = vt[rank:].T
+        step = np.zeros(t)
+        if Z.shape[1]:
+            H = Z.T @ K @ Z
+            r = Z.T @ gradient
+            y = -np.linalg.lstsq(H, r, rcond=None)[0]
+            flat = r + H @ y  # the part of the gradient on directions of zero curvature
+            rounding = 1e-9 * (np.linalg.norm(r) + np.abs(H).max() * np.linalg.norm(y))
+            if np.linalg.norm(flat) > rounding:
+                # descend along zero curvature; length 2 exceeds the simplex's diameter, so a
+                # constraint blocks the step first
+                y = -2 * flat / np.linalg.norm(flat)
+            step = Z @ y
+        if np.linalg.norm(step) <= tol * (1 + np.linalg.norm(w)):
+            multipliers = np.linalg.lstsq(equalities.T, gradient, rcond=None)[0][1:]
+            if multipliers.size == 0 or multipliers.min() >= -tol * (1 + np.abs(gradient).max()):
+                return w
+            working[np.flatnonzero(working)[int(np.argmin(multipliers))]] = False
+            continue
+        rates = C @ step
+        blocking = (~working) & (rates < -tol * np.linalg.norm(step))
+        ratios = np.full(len(C), np.inf)
+        ratios[blocking] = np.maximum(C[blocking] @ w, 0.0) / -rates[blocking]
+        alpha = min(1.0, float(ratios.min(initial=np.inf)))
+        w = w + alpha * step
+        if alpha < 1.0:
+            working[int(np.argmin(ratios))] = True
     return w
+
+
+def _onto_simplex(w: np.ndarray) -> np.ndarray:
+    w = np.maximum(w, 0.0)
+    projected: np.ndarray = w / max(w.sum(), 1e-300)
+    return projected
+
+
+def _simplex_on_host(K: Tensor, c: Tensor, solver: str, descent: bool) -> SimplexSolution:
+    """A qpsolvers backend's answer, finished by :func:`_active_set` and certified."""
+    t = K.shape[0]
+    Kn, cn = _unit_problem(K, c)
+    constraints = {"G": -Kn, "h": np.zeros(t)} if descent else {}
+    start = qp.backend_solve(
+        solver, Kn, cn, A=np.ones((1, t)), b=np.ones(1), lb=np.zeros(t), **constraints
+    )
+    start = _onto_simplex(start)  # backends meet w ≥ 0 only to their tolerance
+    candidates = [start, _onto_simplex(_active_set(Kn, cn, start, descent))]
+    residuals = [_certificate(Kn, cn, w, descent) for w in candidates]
+    best = int(np.argmin(residuals))
+    return SimplexSolution(
+        torch.as_tensor(candidates[best], dtype=torch.float64).to(K.device),
+        torch.tensor(residuals[best], dtype=torch.float64, device=K.device),
+    )
 
 
 def lfmlf_qp(K: Tensor, c: Tensor, solver: str = "daqp") -> SimplexSolution:
@@ -221,21 +292,4 @@ def lfmlf_qp(K: Tensor, c: Tensor, solver: str = "daqp") -> SimplexSolution:
     if solver in ("auto", "closed_form", "enumerate"):
         raise ValueError(f"LF-MLF needs a qpsolvers backend such as 'daqp', got {solver!r}")
     qp.resolve_solver(solver, t)
-    scale = _unit_scale(K)
-    Kn, cn = ((x / scale).detach().cpu().numpy() for x in (K, c))
-    w = qp.backend_solve(
-        solver,
-        Kn,
-        cn,
-        G=-Kn,
-        h=np.zeros(t),
-        A=np.ones((1, t)),
-        b=np.ones(1),
-        lb=np.zeros(t),
-    )
-    w = _polish_lfmlf(Kn, cn, np.maximum(w, 0.0))
-    residual = _lfmlf_certificate(Kn, cn, w)
-    return SimplexSolution(
-        torch.as_tensor(w, dtype=torch.float64).to(K.device),
-        torch.tensor(residual, dtype=torch.float64, device=K.device),
-    )
+    return _simplex_on_host(K, c, solver, descent=True)

@@ -43,28 +43,40 @@ def _best_kkt_point(K: np.ndarray, c: np.ndarray, constraints: np.ndarray) -> np
 
     Every subset of the inequality rows is tried as the active set; its KKT system is solved
     by least squares, and among the points that are feasible with non-negative multipliers
-    the lowest objective wins. Exponential, for a handful of variables only.
+    the lowest objective wins. Exponential, for a handful of variables only. Solved in
+    ``v = w ⊙ d / min d`` with ``d_t = sqrt(K_tt)``, so that gradients of very different
+    norms are resolved alike (the substitution keeps every constraint's sign).
     """
     t = len(c)
-    best, best_w = np.inf, None
+    d = np.sqrt(np.clip(np.diag(K), 0, None))
+    d[d <= 0] = 1.0
+    a = d.min() / d  # w = a ⊙ v
+    K = K * np.outer(a, a)
+    c = c * a
+    unit = max(float(np.max(np.diag(K))), 1e-300)
+    K, c = K / unit, c / unit
+    constraints = constraints * a[None, :]
+    constraints = constraints / np.maximum(np.abs(constraints).max(axis=1, keepdims=True), 1e-300)
+    best, best_v = np.inf, None
     for r in range(len(constraints) + 1):
         for active in itertools.combinations(range(len(constraints)), r):
-            rows = np.vstack([np.ones((1, t)), constraints[list(active)]])
+            rows = np.vstack([a[None, :], constraints[list(active)]])
             m = rows.shape[0]
             system = np.block([[K, -rows.T], [rows, np.zeros((m, m))]])
             rhs = np.concatenate([-c, [1.0], np.zeros(m - 1)])
             solution = np.linalg.lstsq(system, rhs, rcond=None)[0]
-            w, multipliers = solution[:t], solution[t + 1 :]
+            v, multipliers = solution[:t], solution[t + 1 :]
             scale = 1 + np.abs(rhs).max() + np.abs(solution).max()
-            if np.linalg.norm(system @ solution - rhs) > 1e-9 * scale:
+            if np.linalg.norm(system @ solution - rhs) > 1e-8 * scale:
                 continue
-            if np.any(constraints @ w < -1e-9 * scale) or np.any(multipliers < -1e-9 * scale):
+            if np.any(constraints @ v < -1e-8 * scale) or np.any(multipliers < -1e-8 * scale):
                 continue
-            value = 0.5 * w @ K @ w + c @ w
+            value = 0.5 * v @ K @ v + c @ v
             if value < best - 1e-12 * (1 + abs(best) if np.isfinite(best) else 1):
-                best, best_w = value, w
-    assert best_w is not None
-    return best_w
+                best, best_v = value, v
+    assert best_v is not None
+    w = np.maximum(best_v * a, 0.0)  # its least-squares solves meet w ≥ 0 to ~1e-7 only
+    return w / w.sum()
 
 
 def min_norm(K: np.ndarray) -> np.ndarray:
@@ -75,3 +87,40 @@ def min_norm(K: np.ndarray) -> np.ndarray:
 def lfmlf(K: np.ndarray, c: np.ndarray) -> np.ndarray:
     """LF-MLF's Problem 2 by brute force."""
     return _best_kkt_point(K, c, np.vstack([np.eye(len(K)), K]))
+
+
+def pcgrad(grads: np.ndarray, orders: np.ndarray) -> np.ndarray:
+    """PCGrad on the vectors themselves: each g_i' projected off the original g_j it conflicts
+    with, partners in ``orders[i]``; returns the per-objective results (T, p)."""
+    out = grads.astype(np.float64).copy()
+    for i in range(len(grads)):
+        for j in orders[i]:
+            dot = out[i] @ grads[j]
+            if dot < 0 and grads[j] @ grads[j] > 0:
+                out[i] -= dot / (grads[j] @ grads[j]) * grads[j]
+    return out
+
+
+def gradvac(
+    grads: np.ndarray, targets: np.ndarray, orders: np.ndarray, beta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """GradVac as a loop over vectors (LibMTL's structure); returns (g', new targets)."""
+    out = grads.astype(np.float64).copy()
+    targets = targets.copy()
+    for i in range(len(grads)):
+        for j in orders[i]:
+            norm_i, norm_j = np.linalg.norm(out[i]), np.linalg.norm(grads[j])
+            if norm_i == 0 or norm_j == 0:
+                continue
+            phi = np.clip(out[i] @ grads[j] / (norm_i * norm_j), -1, 1)
+            target = targets[i, j]
+            if phi < target:
+                root = np.sqrt(1 - target**2)
+                out[i] += (
+                    norm_i
+                    * (target * np.sqrt(1 - phi**2) - phi * root)
+                    / (norm_j * root)
+                    * grads[j]
+                )
+            targets[i, j] = (1 - beta) * target + beta * phi
+    return out, targets

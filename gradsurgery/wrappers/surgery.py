@@ -163,14 +163,14 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         """Carry per-parameter state over to a rebuilt buffer (subclasses)."""
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero ``.grad`` and every routed row in place; internal rows (state) are kept.
+        """Zero ``.grad`` and every routed row in place.
 
         ``set_to_none`` is accepted for compatibility and ignored: each ``.grad`` is a view
         into the flat buffer and stays one, so a parameter that gets no gradient in a step
         is stepped with a zero gradient.
         """
         self._refresh_bank()
-        self._bank.zero_(slice(0, 1 + len(self.row_names)))
+        self._bank.zero_(slice(0, 1 + len(self.row_names)))  # internal rows hold state
         self._filled = [False] * len(self.row_names)
         self._stale = [False] * len(self.row_names)
         self._pending = None

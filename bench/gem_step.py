@@ -97,6 +97,27 @@ def samples(
     return out
 
 
+def interleaved(
+    measure: Callable[[Callable[[], Any]], float],
+    fn: Callable[[], Any],
+    row: torch.Tensor,
+    repeat: int,
+    setup: Callable[[], Any] = lambda: None,
+) -> tuple[list[float], list[float]]:
+    """``repeat`` samples of ``fn`` and of copying ``row``, alternated, after 2 warm-ups.
+
+    A copy moves ``2·row.numel()`` values; timed next to ``fn`` sample by sample, it gives
+    the bandwidth (and so the floor) of the same moments, which drifts as ``fn``'s does.
+    """
+    scratch = torch.empty_like(row)
+    timed, copies = [], []
+    for _ in range(repeat + 2):
+        setup()
+        timed.append(measure(fn))
+        copies.append(measure(lambda: scratch.copy_(row)))
+    return timed[2:], copies[2:]
+
+
 def transient_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Largest memory ``fn`` allocates on top of what exists (CUDA: peak; CPU: largest block)."""
     if device.type == "cuda":
@@ -181,15 +202,8 @@ def run(p: int, t: int, device: torch.device, repeat: int, methods: set[str]) ->
     def restore() -> None:
         block[0].copy_(task)
 
-    # The floor is measured next to the surgery, sample by sample: copying one row moves 2p
-    # values, so the floor for (2t + 3)p values is (2t + 3)/2 row copies.
-    scratch = torch.empty_like(task)
-    surgery, copies = [], []
-    for _ in range(repeat + 2):
-        restore()
-        surgery.append(measure(opt._surgery))
-        copies.append(measure(lambda: scratch.copy_(task)))
-    surgery, copies = surgery[2:], copies[2:]  # the first two are warm-up
+    # The floor for (2t + 3)p values is (2t + 3)/2 row copies.
+    surgery, copies = interleaved(measure, opt._surgery, task, repeat, restore)
     restore()
     opt._surgery()
     reference = block[0].clone()
@@ -286,6 +300,24 @@ def markdown(results: list[dict[str, Any]], machine: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} thread" if n == 1 else f"{n} threads"
+
+
+def machine_info(device: torch.device) -> dict[str, str]:
+    """What the figures were measured on, for the results' header."""
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()} CPU, {_threads()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "gradsurgery": gradsurgery.__version__,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -305,15 +337,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    machine = {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
-        "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
-        "gradsurgery": gradsurgery.__version__,
-    }
+    machine = machine_info(device)
     results = []
     for p in (int(x) for x in args.params):
         for t in args.constraints:

@@ -9,7 +9,9 @@ each layer set) before the inner optimizer steps:
 >>> opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), constraints=["memory"])
 """
 
-from gradsurgery import functional, qp
+from gradsurgery import functional, papers, qp
+from gradsurgery._version import __version__
+from gradsurgery.citation import cite
 from gradsurgery.errors import NonFiniteGradientError, ParetoStationaryError, SolverError
 from gradsurgery.flat import GradientBank
 from gradsurgery.layers import EncoderLayout, LayerSets
@@ -31,8 +33,6 @@ from gradsurgery.wrappers import (
     Uniform,
     WrappedOptimizer,
 )
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "MGDA",
@@ -59,6 +59,8 @@ __all__ = [
     "Uniform",
     "WrappedOptimizer",
     "__version__",
+    "cite",
     "functional",
+    "papers",
     "qp",
 ]

@@ -34,6 +34,7 @@ from gradsurgery.functional.gem import (
     gem_multipliers,
     raise_if_failed,
 )
+from gradsurgery.papers import CHAUDHRY_2019, LIU_2021, LOPEZ_PAZ_2017
 from gradsurgery.wrappers.surgery import SurgeryOptimizer
 
 __all__ = ["GEMProjector", "GEMStats"]
@@ -155,6 +156,8 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         ValueError: bad option values, no trainable parameter, parameters on several
             devices, or an unknown solver.
     """
+
+    papers = (LIU_2021, LOPEZ_PAZ_2017, CHAUDHRY_2019)
 
     row_kind = "constraint"
 

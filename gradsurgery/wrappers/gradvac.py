@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 from gradsurgery.flat import GradientBank
 from gradsurgery.functional.gradvac import check_beta, gradvac_coefficients
 from gradsurgery.functional.pcgrad import conflict_orders
+from gradsurgery.papers import WANG_2021
 from gradsurgery.wrappers.multi import Decision, MultiObjectiveOptimizer
 from gradsurgery.wrappers.pcgrad import default_generator
 
@@ -41,6 +42,8 @@ class GradVac(MultiObjectiveOptimizer):
         grad_scaler: the ``torch.amp.GradScaler`` scaling every backward pass, if any.
         validate: raise on NaN/Inf gradients and stray backward passes.
     """
+
+    papers = (WANG_2021,)
 
     stats_prefix = "gradvac"
 

@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from gradsurgery import qp, simplex_qp
 from gradsurgery.errors import ParetoStationaryError
 from gradsurgery.functional.lfmlf import DEFAULT_SOLVER
+from gradsurgery.papers import MAO_2022
 from gradsurgery.wrappers.multi import Decision, MultiObjectiveOptimizer
 
 __all__ = ["ParetoLessForgetting"]
@@ -61,6 +62,8 @@ class ParetoLessForgetting(MultiObjectiveOptimizer):
 
     Each step reads the ``T × T`` problem back to the host (the QP is solved there).
     """
+
+    papers = (MAO_2022,)
 
     stats_prefix = "lfmlf"
 

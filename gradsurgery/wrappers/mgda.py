@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from gradsurgery import qp, simplex_qp
+from gradsurgery.papers import SENER_2018
 from gradsurgery.wrappers.multi import Decision, MultiObjectiveOptimizer
 
 __all__ = ["MGDA"]
@@ -32,6 +33,8 @@ class MGDA(MultiObjectiveOptimizer):
         validate: raise on NaN/Inf gradients and stray backward passes (one host read per
             step on an accelerator).
     """
+
+    papers = (SENER_2018,)
 
     stats_prefix = "mgda"
 

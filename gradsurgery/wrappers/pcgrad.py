@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 
 from gradsurgery.functional.pcgrad import conflict_orders, pcgrad_coefficients
 from gradsurgery.functional.validation import check_reduction
+from gradsurgery.papers import YU_2020
 from gradsurgery.wrappers.multi import Decision, MultiObjectiveOptimizer
 
 __all__ = ["PCGrad", "default_generator"]
@@ -49,6 +50,8 @@ class PCGrad(MultiObjectiveOptimizer):
         grad_scaler: the ``torch.amp.GradScaler`` scaling every backward pass, if any.
         validate: raise on NaN/Inf gradients and stray backward passes.
     """
+
+    papers = (YU_2020,)
 
     stats_prefix = "pcgrad"
 

@@ -32,6 +32,7 @@ from torch.optim import Optimizer
 
 from gradsurgery.checks import finite_number
 from gradsurgery.layers import EncoderLayout, LayerSets, SetName
+from gradsurgery.papers import GUO_2023
 from gradsurgery.phases import Phase, PhaseDetector
 from gradsurgery.similarity import CKAMonitor
 from gradsurgery.wrappers.wrapped import WrappedOptimizer
@@ -144,6 +145,8 @@ class PhasedLR(WrappedOptimizer):
             holds, an L-BFGS inner optimizer, or a second ``PhasedLR`` in the stack; nothing
             is changed.
     """
+
+    papers = (GUO_2023,)
 
     def __init__(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradsurgery.papers import MAO_2022
 from gradsurgery.wrappers.multi import Decision, MultiObjectiveOptimizer
 
 __all__ = ["Uniform"]
@@ -24,6 +25,8 @@ class Uniform(MultiObjectiveOptimizer):
         validate: raise on NaN/Inf gradients and stray backward passes (one host read per
             step on an accelerator).
     """
+
+    papers = (MAO_2022,)
 
     stats_prefix = "uniform"
 

@@ -19,9 +19,11 @@ Subclasses implement ``step`` and, where they keep state, ``_extra_state``,
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, ClassVar
 
 from torch.optim import Optimizer
+
+from gradsurgery.papers import Paper
 
 __all__ = ["STATE_KEY", "WrappedOptimizer"]
 
@@ -34,9 +36,21 @@ class WrappedOptimizer(Optimizer):
     Args:
         optimizer: the inner optimizer; it keeps its parameters, groups and state.
 
+    Attributes:
+        papers: the papers of the method a subclass implements (cite them with
+            :func:`gradsurgery.cite`).
+        bibtex: their BibTeX entries, one after the other.
+
     Raises:
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
     """
+
+    papers: ClassVar[tuple[Paper, ...]] = ()
+    bibtex: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.bibtex = "\n\n".join(paper.bibtex for paper in cls.papers)
 
     def __init__(self, optimizer: Optimizer) -> None:
         if not isinstance(optimizer, Optimizer):

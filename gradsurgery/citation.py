@@ -1,7 +1,6 @@
 """``cite``: the BibTeX to cite for what you ran, the library and the method's papers.
 
->>> import torch
->>> from gradsurgery import GEMProjector, PhasedLR, cite
+>>> from gradsurgery import cite
 >>> print(cite("PCGrad"))  # doctest: +ELLIPSIS
 @software{gradsurgery,
 ...

@@ -18,6 +18,7 @@ __all__ = [
     "CHAUDHRY_2019",
     "EFIMOV_2022",
     "GUO_2023",
+    "KORNBLITH_2019",
     "LIU_2021",
     "LOPEZ_PAZ_2017",
     "MAO_2022",
@@ -147,6 +148,19 @@ EFIMOV_2022 = Paper(
 }""",
 )
 
+KORNBLITH_2019 = Paper(
+    "kornblith-etal-2019-similarity",
+    "Kornblith et al., Similarity of Neural Network Representations Revisited, ICML 2019",
+    """@inproceedings{kornblith-etal-2019-similarity,
+  title     = {Similarity of Neural Network Representations Revisited},
+  author    = {Kornblith, Simon and Norouzi, Mohammad and Lee, Honglak and Hinton, Geoffrey},
+  booktitle = {Proceedings of the 36th International Conference on Machine Learning},
+  series    = {Proceedings of Machine Learning Research},
+  volume    = {97},
+  year      = {2019}
+}""",
+)
+
 PAPERS: tuple[Paper, ...] = (
     LIU_2021,
     LOPEZ_PAZ_2017,
@@ -156,6 +170,7 @@ PAPERS: tuple[Paper, ...] = (
     WANG_2021,
     SENER_2018,
     GUO_2023,
+    KORNBLITH_2019,
     EFIMOV_2022,
 )
 """Every paper the library implements or builds on, in the order of the documentation."""

@@ -45,3 +45,11 @@ def test_the_demo_command_runs_and_reports():
     for run in ("GEM", "A-GEM"):
         assert rows[run][2] < rows["plain fine-tuning"][2]
         assert rows[run][4] < rows["plain fine-tuning"][4]
+
+
+def test_the_readme_example_is_at_most_ten_lines():
+    """It runs too: tests/test_docs.py executes every ```python block of the README."""
+    example = re.search(r"## Example.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert example is not None
+    lines = [line for line in example.group(1).splitlines() if line.strip()]
+    assert 5 <= len(lines) <= 10

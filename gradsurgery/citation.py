@@ -9,16 +9,19 @@
 ...
 
 Given an optimizer, ``cite`` walks the whole stack of wrappers, so
-``cite(PhasedLR(GEMProjector(AdamW(...)), model))`` cites GEM's papers and Guo et al.
+``cite(PhasedLR(GEMProjector(AdamW(...)), model))`` cites GEM's papers and Guo et al.; the
+functional forms (``cite(gem_project)``) and ``CKAMonitor`` are cited by their papers too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch.optim import Optimizer
 
-from gradsurgery import wrappers
+from gradsurgery import functional, similarity, wrappers
 from gradsurgery._version import __version__
-from gradsurgery.papers import Paper
+from gradsurgery.papers import KORNBLITH_2019, Paper
 
 __all__ = ["LIBRARY_BIBTEX", "cite", "methods"]
 
@@ -44,17 +47,38 @@ def methods() -> dict[str, type[wrappers.WrappedOptimizer]]:
     }
 
 
+def _other_citables() -> dict[Callable[..., object], tuple[Paper, ...]]:
+    """The functional forms and helpers that implement a paper without being a wrapper."""
+    return {
+        functional.gem_project: wrappers.GEMProjector.papers,
+        functional.gem_multipliers: wrappers.GEMProjector.papers,
+        functional.lfmlf_weights: wrappers.ParetoLessForgetting.papers,
+        functional.uniform_weights: wrappers.Uniform.papers,
+        functional.pcgrad_weights: wrappers.PCGrad.papers,
+        functional.gradvac_weights: wrappers.GradVac.papers,
+        functional.mgda_weights: wrappers.MGDA.papers,
+        similarity.linear_cka: (KORNBLITH_2019,),
+        similarity.CKAMonitor: (KORNBLITH_2019,),
+    }
+
+
 def _papers_of(method: object) -> tuple[Paper, ...]:
+    others = _other_citables()
     if isinstance(method, str):
-        by_name = {name.lower(): cls for name, cls in methods().items()}
+        by_name = {name.lower(): cls.papers for name, cls in methods().items()}
+        by_name.update({obj.__name__.lower(): found for obj, found in others.items()})
         if method.lower() not in by_name:
             raise ValueError(
-                f"unknown method {method!r}; cite one of {sorted(methods())}, a wrapper "
-                "class or an optimizer built from them"
+                f"unknown method {method!r}; cite one of {sorted(methods())}, a functional "
+                "form such as 'gem_project', a wrapper class or an optimizer built from them"
             )
-        return by_name[method.lower()].papers
+        return by_name[method.lower()]
     if isinstance(method, type) and issubclass(method, wrappers.WrappedOptimizer):
         return method.papers
+    if isinstance(method, similarity.CKAMonitor):
+        return (KORNBLITH_2019,)
+    if callable(method) and method in others:
+        return others[method]
     if isinstance(method, Optimizer):
         found: list[Paper] = []
         inner: Optimizer = method
@@ -63,7 +87,8 @@ def _papers_of(method: object) -> tuple[Paper, ...]:
             inner = inner.optimizer
         return tuple(found)
     raise TypeError(
-        f"cite takes a method's name, a wrapper class or an optimizer, got {type(method).__name__}"
+        "cite takes a method's name, a wrapper class, an optimizer, a functional form or "
+        f"CKAMonitor, got {type(method).__name__}"
     )
 
 
@@ -71,16 +96,17 @@ def cite(method: object = None) -> str:
     """BibTeX for the library and, if given, the papers of ``method``.
 
     Args:
-        method: a wrapper's name (``"PCGrad"``, any case), a wrapper class, or an
-            optimizer: a wrapper instance, whose whole stack of wrappers is cited. ``None``
-            cites the library alone.
+        method: a wrapper's name (``"PCGrad"``, any case), a wrapper class, an optimizer
+            (a wrapper instance, whose whole stack of wrappers is cited), a functional
+            form (``gem_project`` or its name) or ``CKAMonitor``. ``None`` cites the
+            library alone.
 
     Returns:
         The entries, the library's first, separated by blank lines, each paper once.
 
     Raises:
         ValueError: an unknown method name.
-        TypeError: anything else that is not a method, a wrapper class or an optimizer.
+        TypeError: anything else.
     """
     papers = () if method is None else _papers_of(method)
     unique = {paper.key: paper.bibtex for paper in papers}

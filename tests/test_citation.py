@@ -108,8 +108,22 @@ def test_cite_walks_a_stack_of_wrappers_and_lists_each_paper_once():
     assert cite(plain) == LIBRARY_BIBTEX
 
 
+def test_cite_knows_the_functional_forms_and_the_cka_monitor():
+    from gradsurgery.functional import gem_project, lfmlf_weights, mgda_weights
+    from gradsurgery.similarity import CKAMonitor, linear_cka
+
+    assert cite(gem_project) == cite("gem_project") == cite(GEMProjector)
+    assert cite(lfmlf_weights) == cite("ParetoLessForgetting")
+    assert cite(mgda_weights) == cite("MGDA")
+    keys = [entry["key"] for entry in bibtex_entries(cite(CKAMonitor(window=3)))]
+    assert keys == ["gradsurgery", papers.KORNBLITH_2019.key]
+    assert cite(linear_cka) == cite(CKAMonitor) == cite("linear_cka")
+
+
 def test_cite_rejects_what_it_cannot_cite():
     with pytest.raises(ValueError, match="unknown method 'adam'; cite one of"):
         cite("adam")
     with pytest.raises(TypeError, match="got int"):
         cite(3)
+    with pytest.raises(TypeError, match="got function"):
+        cite(lambda: None)

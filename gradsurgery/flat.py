@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from gradsurgery import gram as _gram
+from gradsurgery import segments as _segments
+from gradsurgery.segments import Segments
 
 __all__ = ["GradientBank"]
 
@@ -94,7 +96,7 @@ class GradientBank:
             for p, view in zip(self.params, self._views[0], strict=True):
                 if p.grad is not None:
                     view.copy_(p.grad)
-        self._lengths: tuple[Tensor, ...] | None = None
+        self._segments: tuple[Segments, ...] | None = None
         self.bound_row = 0
         self.bind(0)
 
@@ -190,31 +192,27 @@ class GradientBank:
             _gram.combine_(block[0], block[rows], weights, accumulate=accumulate)
 
     @property
-    def segment_lengths(self) -> tuple[Tensor, ...]:
-        """Per block, the number of entries of each of its parameters (a column segment)."""
-        if self._lengths is None:
-            self._lengths = tuple(
-                torch.tensor(
-                    [p.numel() for p in self.params if p.dtype == block.dtype],
-                    device=self.device,
-                )
+    def segments(self) -> tuple[Segments, ...]:
+        """Per block, its parameters as column segments (for per-tensor methods)."""
+        if self._segments is None:
+            self._segments = tuple(
+                Segments([p.numel() for p in self.params if p.dtype == block.dtype], self.device)
                 for block in self.blocks
             )
-        return self._lengths
+        return self._segments
 
     def segment_gram(self, rows: slice) -> Tensor:
         """``(n_params, r, r)``: the Gram matrix of ``rows`` within each parameter tensor."""
-        return torch.cat(
-            [
-                _gram.segment_gram(block[rows], lengths)
-                for block, lengths in zip(self.blocks, self.segment_lengths, strict=True)
-            ]
-        )
+        grams = [
+            _segments.segment_gram(block[rows], segments)
+            for block, segments in zip(self.blocks, self.segments, strict=True)
+        ]
+        return grams[0] if len(grams) == 1 else torch.cat(grams)
 
     def combine_segments_(self, weights: Tensor, rows: slice) -> None:
         """Write ``row0`` of each parameter as ``Σ_k weights[param, k] · row_k`` of it."""
         start = 0
-        for block, lengths in zip(self.blocks, self.segment_lengths, strict=True):
-            part = weights[start : start + lengths.numel()]
-            _gram.combine_segments_(block[0], block[rows], part, lengths)
-            start += lengths.numel()
+        for block, segments in zip(self.blocks, self.segments, strict=True):
+            part = weights[start : start + segments.count]
+            _segments.combine_segments_(block[0], block[rows], part, segments)
+            start += segments.count

@@ -301,3 +301,12 @@ def test_nan_on_one_rank_stops_every_rank(ranks):
         assert nan["scale"] == 2.0**7
     for p, q in zip(ranks[0]["nan"]["after"], ranks[1]["nan"]["after"], strict=True):
         assert torch.equal(p, q)
+
+
+def test_a_bad_layout_is_refused_before_anything_is_built():
+    model = make_model()
+    with pytest.raises(TypeError, match="Replicated"):
+        GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), distributed="ddp")  # type: ignore[arg-type]
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), 2, distributed=Sharded())

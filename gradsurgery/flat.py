@@ -18,7 +18,7 @@ gradient FSDP2 reduce-scatters is added into the row in place.
 
 from __future__ import annotations
 
-import importlib
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,16 +30,17 @@ from gradsurgery import gram as _gram
 
 __all__ = ["GradientBank", "local"]
 
-_DTensor: Any = (
-    importlib.import_module("torch.distributed.tensor").DTensor
-    if torch.distributed.is_available()
-    else None
-)
+
+def _dtensor() -> Any:
+    """The ``DTensor`` class if it was imported (a DTensor can exist only then), else None."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
 
 
 def local(tensor: Tensor) -> Tensor:
     """The part of ``tensor`` this process holds: the local shard of a ``DTensor``, or itself."""
-    if _DTensor is not None and isinstance(tensor, _DTensor):
+    dtensor = _dtensor()
+    if dtensor is not None and isinstance(tensor, dtensor):
         shard: Tensor = tensor.to_local()
         return shard
     return tensor
@@ -47,9 +48,10 @@ def local(tensor: Tensor) -> Tensor:
 
 def _as_grad(param: Tensor, view: Tensor) -> Tensor:
     """What ``param.grad`` is set to for the row ``view``: the view, or a DTensor around it."""
-    if _DTensor is not None and isinstance(param, _DTensor):
+    dtensor = _dtensor()
+    if dtensor is not None and isinstance(param, dtensor):
         sharded: Any = param
-        grad: Tensor = _DTensor.from_local(
+        grad: Tensor = dtensor.from_local(
             view,
             sharded.device_mesh,
             sharded.placements,

@@ -30,6 +30,9 @@ COLUMNS = 1 << 16
 class Segments:
     """Consecutive column segments of the given lengths, as pieces of at most ``columns``.
 
+    A segment may be empty (a parameter with no entries in this process's shard): its Gram
+    matrix is zero and it has no pieces.
+
     Attributes:
         count: the number of segments.
         pieces: ``(columns, segment)`` for each piece, in column order.
@@ -39,8 +42,8 @@ class Segments:
     def __init__(
         self, lengths: Sequence[int], device: torch.device, columns: int = COLUMNS
     ) -> None:
-        if any(length <= 0 for length in lengths):
-            raise ValueError(f"segment lengths must be positive, got {list(lengths)}")
+        if any(length < 0 for length in lengths):
+            raise ValueError(f"segment lengths must be non-negative, got {list(lengths)}")
         if columns <= 0:
             raise ValueError(f"columns per piece must be positive, got {columns}")
         self.count = len(lengths)

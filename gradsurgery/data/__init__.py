@@ -10,7 +10,8 @@
 - Tokenization: :func:`tagging_examples` (labels on first sub-words),
   :func:`text_examples` (for ``DataCollatorForLanguageModeling``),
   :class:`ParallelCollator` (pairs → :class:`ParallelBatch`), :func:`encode_words`.
-- :func:`sample_batch`: a fresh random memory batch each step.
+- :func:`sample_batch`, :class:`MemoryBatches`: a fresh random memory batch each step.
+- :func:`sample_file`: tiny sample files of every format, shipped with the package.
 
 Malformed input raises a ``ValueError`` that names the file and the line.
 """
@@ -30,7 +31,7 @@ from gradsurgery.data.parallel import (
     parse_alignment,
     read_parallel,
 )
-from gradsurgery.data.sampling import DEFAULT_BATCH_SIZE, sample_batch
+from gradsurgery.data.sampling import DEFAULT_BATCH_SIZE, MemoryBatches, sample_batch
 from gradsurgery.data.tagging import (
     UPOS_TAGS,
     TaggedSentence,
@@ -39,12 +40,14 @@ from gradsurgery.data.tagging import (
     tag_vocabulary,
     tagged_from_records,
 )
-from gradsurgery.data.text import read_text
+from gradsurgery.data.text import SAMPLES, read_text, sample_file
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "IGNORE_INDEX",
+    "SAMPLES",
     "UPOS_TAGS",
+    "MemoryBatches",
     "ParallelBatch",
     "ParallelCollator",
     "SentencePair",
@@ -58,6 +61,7 @@ __all__ = [
     "read_parallel",
     "read_text",
     "sample_batch",
+    "sample_file",
     "tag_vocabulary",
     "tagged_from_records",
     "tagging_examples",

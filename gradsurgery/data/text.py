@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["line_error", "read_lines", "read_text"]
+__all__ = ["SAMPLES", "line_error", "read_lines", "read_text", "sample_file"]
 
 PathLike = str | os.PathLike[str]
 
@@ -44,3 +44,25 @@ def read_text(path: PathLike) -> list[str]:
     if not sentences:
         raise ValueError(f"{path}: holds no sentence")
     return sentences
+
+
+SAMPLES = (
+    "en_ner.conll",
+    "en_pos.conllu",
+    "memory.en",
+    "parallel.de",
+    "parallel.en",
+    "parallel.en-de.align",
+)
+"""The tiny sample files shipped in ``gradsurgery/data/samples`` (one example per format)."""
+
+
+def sample_file(name: str) -> Path:
+    """The path of a shipped sample file (see :data:`SAMPLES`), e.g. ``"en_pos.conllu"``.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if name not in SAMPLES:
+        raise ValueError(f"no sample file {name!r}: the samples are {', '.join(SAMPLES)}")
+    return Path(__file__).with_name("samples") / name

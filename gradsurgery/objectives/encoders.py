@@ -15,12 +15,13 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["evaluating", "frozen_copy", "last_hidden_state", "share_encoder"]
+__all__ = ["encoder_of", "evaluating", "frozen_copy", "last_hidden_state", "share_encoder"]
 
 M = TypeVar("M", bound=nn.Module)
 
 
-def _encoder(model: nn.Module) -> nn.Module:
+def encoder_of(model: nn.Module) -> nn.Module:
+    """``model.base_model`` when ``model`` has one (any transformers model), else ``model``."""
     encoder = getattr(model, "base_model", model)
     if not isinstance(encoder, nn.Module):
         raise TypeError(f"{type(model).__name__}.base_model is not a torch.nn.Module")
@@ -37,7 +38,7 @@ def last_hidden_state(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     Raises:
         TypeError: the encoder returns neither.
     """
-    outputs = _encoder(model)(input_ids=input_ids, attention_mask=attention_mask)
+    outputs = encoder_of(model)(input_ids=input_ids, attention_mask=attention_mask)
     hidden = outputs if isinstance(outputs, Tensor) else getattr(outputs, "last_hidden_state", None)
     if not isinstance(hidden, Tensor) or hidden.dim() != 3:
         raise TypeError(
@@ -73,7 +74,7 @@ def share_encoder(head_model: M, encoder_model: nn.Module) -> M:
             f"{type(head_model).__name__} has no base model to replace: pass a transformers "
             "model with a head (e.g. BertForMaskedLM)"
         )
-    shared = _encoder(encoder_model)
+    shared = encoder_of(encoder_model)
     shapes = [p.shape for p in own.parameters()]
     if type(shared) is not type(own) or shapes != [p.shape for p in shared.parameters()]:
         raise ValueError(

@@ -1,4 +1,5 @@
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -199,7 +200,7 @@ def test_memory_batches_are_reproducible_and_resume(tmp_path: Path) -> None:
     tok = tokenizer(tmp_path)
     examples = text_examples(tok, read_text(sample_file("memory.en")))
 
-    def stream() -> MemoryBatches:
+    def stream() -> MemoryBatches[Any, Any]:
         collator = DataCollatorForLanguageModeling(tok, mlm_probability=0.5, seed=3)
         return MemoryBatches(examples, collator, batch_size=2, seed=7)
 

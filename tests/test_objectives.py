@@ -1,6 +1,7 @@
 import math
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -202,7 +203,9 @@ def test_alignment_loss_is_zero_for_the_frozen_copy_and_coinciding_pairs(tmp_pat
     assert alignment_loss(task, frozen, batch).item() == pytest.approx(0.0, abs=1e-10)
     assert alignment_loss(task, frozen, pairs_batch(tmp_path), stay_weight=0.0).item() > 1e-6
     with torch.no_grad():
-        task.bert.encoder.layer[0].output.dense.weight.add_(0.1 * torch.randn(16, 16))
+        dict(task.named_parameters())["bert.encoder.layer.0.output.dense.weight"].add_(
+            0.1 * torch.randn(16, 16)
+        )
     assert alignment_loss(task, frozen, batch, pull_weight=0.0).item() > 1e-6
 
 
@@ -230,7 +233,7 @@ def task_loss(task: nn.Module, tok: object) -> torch.Tensor:
 
 def objectives(
     tmp_path: Path, name: str
-) -> tuple[nn.Module, list[nn.Parameter], MemoryObjective, MemoryBatches]:
+) -> tuple[nn.Module, list[nn.Parameter], MemoryObjective, MemoryBatches[Any, Any]]:
     tok = tokenizer(tmp_path)
     task, mlm = task_and_mlm(len(tok))
     params = list(dict.fromkeys([*task.parameters(), *mlm.parameters()]))

@@ -3,8 +3,14 @@
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
-from transformers import BertConfig, BertForMaskedLM, BertForTokenClassification, BertTokenizerFast
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForTokenClassification,
+    PreTrainedTokenizerBase,
+)
 
 from gradsurgery.objectives import share_encoder
 
@@ -16,14 +22,17 @@ WORDS = [
 ]
 
 
-def tokenizer(tmp_path: Path) -> BertTokenizerFast:
+def tokenizer(tmp_path: Path) -> PreTrainedTokenizerBase:
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(SPECIALS + WORDS) + "\n", encoding="utf-8")
-    return BertTokenizerFast.from_pretrained(str(tmp_path), do_lower_case=True)
+    # getattr: transformers v5 keeps BertTokenizerFast only as a runtime alias of BertTokenizer
+    fast = getattr(transformers, "BertTokenizerFast")  # noqa: B009
+    tok: PreTrainedTokenizerBase = fast.from_pretrained(str(tmp_path), do_lower_case=True)
+    return tok
 
 
 def config(vocab_size: int, labels: int = 3) -> BertConfig:
-    return BertConfig(
+    bert = BertConfig(
         vocab_size=vocab_size,
         hidden_size=16,
         num_hidden_layers=1,
@@ -32,8 +41,9 @@ def config(vocab_size: int, labels: int = 3) -> BertConfig:
         max_position_embeddings=32,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        num_labels=labels,
     )
+    bert.num_labels = labels
+    return bert
 
 
 def task_and_mlm(vocab_size: int, seed: int = 0) -> tuple[nn.Module, nn.Module]:

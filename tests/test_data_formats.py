@@ -196,29 +196,45 @@ def test_truncation_drops_links_to_cut_words(tmp_path: Path) -> None:
     assert batch.source_words.tolist() == [0]
 
 
-def test_memory_batches_are_reproducible_and_resume(tmp_path: Path) -> None:
+def test_memory_batches_depend_only_on_seed_and_position(tmp_path: Path) -> None:
     tok = tokenizer(tmp_path)
     examples = text_examples(tok, read_text(sample_file("memory.en")))
 
-    def stream() -> MemoryBatches[Any, Any]:
-        collator = DataCollatorForLanguageModeling(tok, mlm_probability=0.5, seed=3)
-        return MemoryBatches(examples, collator, batch_size=2, seed=7)
+    def stream(seed: int) -> MemoryBatches[Any, Any]:
+        collator = DataCollatorForLanguageModeling(tok, mlm_probability=0.5)  # global RNG
+        return MemoryBatches(examples, collator, batch_size=2, seed=seed)
 
-    first, second = stream(), stream()
-    for _ in range(3):
-        a, b = first.sample(), next(second)
-        assert a["input_ids"].shape[0] == 2
-        assert torch.equal(a["input_ids"], b["input_ids"])
-        assert torch.equal(a["labels"], b["labels"])
+    first, second = stream(7), stream(7)
+    rng_before = torch.get_rng_state()
+    batches = [first.sample() for _ in range(4)]
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global generator is untouched
+    torch.manual_seed(123)  # and does not matter
+    for position in (3, 0, 2, 1):
+        again = second.at(position)
+        assert torch.equal(again["input_ids"], batches[position]["input_ids"])
+        assert torch.equal(again["labels"], batches[position]["labels"])
+    other = [stream(8).at(k)["labels"] for k in range(4)]
+    assert any(not torch.equal(a, b["labels"]) for a, b in zip(other, batches, strict=True))
+    assert all(b["input_ids"].shape[0] == 2 for b in batches)
+
+
+def test_memory_batches_resume_and_iterate_from_the_start() -> None:
     draws = MemoryBatches(list(range(10)), list, batch_size=3, seed=1)
-    state = draws.state_dict()
     ahead = [draws.sample() for _ in range(2)]
-    draws.load_state_dict(state)
-    assert [draws.sample() for _ in range(2)] == ahead
-    assert len(set(ahead[0])) == 3
-    with pytest.raises(ValueError, match="different seed setting"):
-        MemoryBatches([1], list).load_state_dict(state)
+    state = draws.state_dict()
+    later = [draws.sample() for _ in range(2)]
+    resumed = MemoryBatches(list(range(10)), list, batch_size=3, seed=1)
+    resumed.load_state_dict(state)
+    assert [resumed.sample() for _ in range(2)] == later
+    stream = iter(resumed)
+    assert [next(stream) for _ in range(4)] == ahead + later  # a fresh pass starts at 0
+    assert all(len(set(batch)) == 3 for batch in ahead + later)
+    assert MemoryBatches([1, 2], list, batch_size=5).sample() in ([1, 2], [2, 1])
+    with pytest.raises(ValueError, match="position ≥ 0"):
+        draws.load_state_dict({"position": -1})
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         MemoryBatches([1], list, batch_size=0)
+    with pytest.raises(ValueError, match="seed must be None or an int"):
+        MemoryBatches([1], list, seed=-1)
     with pytest.raises(ValueError, match="no item"):
         MemoryBatches([], list)

@@ -6,8 +6,8 @@ Trainer integration or an example can use any of them the same way, in three way
 .. code-block:: python
 
     mlm = MaskedLM(head=share_encoder(mlm_model, model))
-    memory = MemoryBatches(text_examples(tokenizer, texts), DataCollatorForLanguageModeling(
-        tokenizer, seed=0), seed=0)
+    memory = MemoryBatches(text_examples(tokenizer, texts),
+                           DataCollatorForLanguageModeling(tokenizer), seed=0)
 
     # 1. a GEM constraint (Liu et al., 2021)
     opt = GEMProjector(torch.optim.AdamW(params, lr=1e-5), constraints=["mlm"])

@@ -345,3 +345,22 @@ def test_precision_at_k_matches_sorting(n: int, dim: int, seed: int, k: int) -> 
     order = similarity.argsort(dim=1, descending=True, stable=True)
     hits = [i in order[i, :k].tolist() for i in range(n)]
     assert precision_at_k(source, target, (k,))[k] == pytest.approx(sum(hits) / n)
+
+
+@given(
+    lengths=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+    words=st.integers(1, 5),
+)
+def test_word_pool_is_the_mean_of_each_words_subwords(
+    lengths: list[int], seed: int, words: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    hidden = torch.randn(len(lengths), width, 3, generator=generator, dtype=torch.float64)
+    index = torch.randint(-1, words, (len(lengths), width), generator=generator)
+    pooled = word_pool(hidden, index, words)
+    for word in range(words):
+        members = hidden[index == word]
+        expected = members.mean(dim=0) if len(members) else torch.zeros(3, dtype=torch.float64)
+        torch.testing.assert_close(pooled[word], expected)

@@ -143,6 +143,11 @@ def test_xsr_loss_by_hand() -> None:
     assert xsr_loss(model, batch, temperature=tau, symmetric=True).item() == pytest.approx(both)
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         SentenceRetrieval(temperature=0.0)
+    one = ParallelBatch(
+        encoding([[1]], [[0]]), encoding([[1]], [[0]]), torch.tensor([0]), torch.tensor([0])
+    )
+    with pytest.raises(ValueError, match="at least 2 pairs in a batch, got 1"):
+        xsr_loss(model, one)
 
 
 def test_precision_at_k_on_a_constructed_case() -> None:

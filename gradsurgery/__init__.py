@@ -9,7 +9,7 @@ each layer set) before the inner optimizer steps:
 >>> opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), constraints=["memory"])
 """
 
-from gradsurgery import functional, papers, qp
+from gradsurgery import distributed, functional, papers, qp
 from gradsurgery._version import __version__
 from gradsurgery.citation import cite
 from gradsurgery.errors import NonFiniteGradientError, ParetoStationaryError, SolverError
@@ -60,6 +60,7 @@ __all__ = [
     "WrappedOptimizer",
     "__version__",
     "cite",
+    "distributed",
     "functional",
     "papers",
     "qp",

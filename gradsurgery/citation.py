@@ -10,7 +10,8 @@
 
 Given an optimizer, ``cite`` walks the whole stack of wrappers, so
 ``cite(PhasedLR(GEMProjector(AdamW(...)), model))`` cites GEM's papers and Guo et al.; the
-functional forms (``cite(gem_project)``) and ``CKAMonitor`` are cited by their papers too.
+functional forms (``cite(gem_project)``), the memory objectives (``cite(MaskedLM)``) and
+``CKAMonitor`` are cited by their papers too.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from collections.abc import Callable
 
 from torch.optim import Optimizer
 
-from gradsurgery import functional, similarity, wrappers
+from gradsurgery import functional, objectives, similarity, wrappers
 from gradsurgery._version import __version__
-from gradsurgery.papers import KORNBLITH_2019, Paper
+from gradsurgery.papers import EFIMOV_2022, KORNBLITH_2019, LIU_2021, Paper
 
 __all__ = ["LIBRARY_BIBTEX", "cite", "methods"]
 
@@ -59,6 +60,12 @@ def _other_citables() -> dict[Callable[..., object], tuple[Paper, ...]]:
         functional.mgda_weights: wrappers.MGDA.papers,
         similarity.linear_cka: (KORNBLITH_2019,),
         similarity.CKAMonitor: (KORNBLITH_2019,),
+        objectives.MaskedLM: (LIU_2021,),
+        objectives.mlm_loss: (LIU_2021,),
+        objectives.SentenceRetrieval: (LIU_2021,),
+        objectives.xsr_loss: (LIU_2021,),
+        objectives.CrossLingualAlignment: (EFIMOV_2022,),
+        objectives.alignment_loss: (EFIMOV_2022,),
     }
 
 
@@ -75,8 +82,9 @@ def _papers_of(method: object) -> tuple[Paper, ...]:
         return by_name[method.lower()]
     if isinstance(method, type) and issubclass(method, wrappers.WrappedOptimizer):
         return method.papers
-    if isinstance(method, similarity.CKAMonitor):
-        return (KORNBLITH_2019,)
+    instance_of = [cls for cls in others if isinstance(cls, type) and isinstance(method, cls)]
+    if instance_of:
+        return others[instance_of[0]]
     if callable(method) and method in others:
         return others[method]
     if isinstance(method, Optimizer):
@@ -98,7 +106,8 @@ def cite(method: object = None) -> str:
     Args:
         method: a wrapper's name (``"PCGrad"``, any case), a wrapper class, an optimizer
             (a wrapper instance, whose whole stack of wrappers is cited), a functional
-            form (``gem_project`` or its name) or ``CKAMonitor``. ``None`` cites the
+            form (``gem_project`` or its name), a memory objective (class, instance or loss
+            function) or ``CKAMonitor``. ``None`` cites the
             library alone.
 
     Returns:

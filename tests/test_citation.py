@@ -120,6 +120,17 @@ def test_cite_knows_the_functional_forms_and_the_cka_monitor():
     assert cite(linear_cka) == cite(CKAMonitor) == cite("linear_cka")
 
 
+def test_cite_knows_the_memory_objectives():
+    from gradsurgery.objectives import CrossLingualAlignment, MaskedLM, mlm_loss, xsr_loss
+
+    def keys(text):
+        return [entry["key"] for entry in bibtex_entries(text)][1:]
+
+    assert keys(cite(MaskedLM)) == keys(cite(MaskedLM())) == [papers.LIU_2021.key]
+    assert keys(cite(mlm_loss)) == keys(cite("xsr_loss")) == keys(cite(xsr_loss))
+    assert keys(cite(CrossLingualAlignment)) == [papers.EFIMOV_2022.key]
+
+
 def test_cite_rejects_what_it_cannot_cite():
     with pytest.raises(ValueError, match="unknown method 'adam'; cite one of"):
         cite("adam")

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
+from torch.multiprocessing.spawn import start_processes
 
 from gradsurgery import (
     MGDA,
@@ -157,9 +157,11 @@ def step_traffic(mode: str, name: str, rank: int) -> list[int]:
     """The all-reduce sizes the wrapper issues in one step (not DDP's/FSDP's own)."""
     model = make_model()
     layout: Any
+    local: Callable[[], AbstractContextManager[None]]
+    net: nn.Module
     if mode == "ddp":
-        net: nn.Module = nn.parallel.DistributedDataParallel(model)
-        layout, local = Replicated(), net.no_sync  # type: ignore[operator]
+        ddp = nn.parallel.DistributedDataParallel(model)
+        net, layout, local = ddp, Replicated(), ddp.no_sync
     else:
         from torch.distributed.fsdp import fully_shard
 
@@ -257,7 +259,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     if not dist.is_available():
         pytest.skip("this torch build has no torch.distributed")
     out_dir = tmp_path_factory.mktemp("dist")
-    mp.start_processes(
+    start_processes(
         worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True, start_method="fork"
     )
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
@@ -306,7 +308,7 @@ def test_nan_on_one_rank_stops_every_rank(ranks):
 def test_a_bad_layout_is_refused_before_anything_is_built():
     model = make_model()
     with pytest.raises(TypeError, match="Replicated"):
-        GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), distributed="ddp")  # type: ignore[arg-type]
+        GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), distributed="ddp")
     if not dist.is_initialized():
         with pytest.raises(RuntimeError, match="init_process_group"):
             PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), 2, distributed=Sharded())

@@ -28,7 +28,7 @@ class FlakySGD(torch.optim.SGD):
 
     fail = False
 
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         if self.fail:
             self.fail = False
             raise RuntimeError("inner step failed")

@@ -1,0 +1,341 @@
+"""``SurgeryTrainer``: any gradsurgery wrapper inside ``transformers.Trainer.train()``.
+
+The Trainer keeps doing what it does (data, the task loss, gradient accumulation, mixed
+precision, clipping, the LR scheduler, checkpoints, logging); the subclass adds, in
+:meth:`SurgeryTrainer.training_step`, what a wrapper needs each step:
+
+* after the task backward of every micro-batch, one batch of every
+  :class:`~gradsurgery.integrations.sources.LossSource` (a GEM constraint's memory data, an
+  objective's batches), its loss scaled like the task loss, backward into its row;
+* after the last micro-batch of a step, the step's training loss to ``PhasedLR.observe``
+  and the surgery (``apply_surgery()``), so that the Trainer's gradient clipping, which
+  follows, acts on the rewritten gradient.
+
+Needs ``transformers`` (and ``accelerate``, which its Trainer needs): ``pip install
+gradsurgery[transformers]``. Tested with transformers 5.23 and accelerate 1.15; see
+``docs/trainer.md`` for the Trainer internals this relies on.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import send_to_device
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from transformers import Trainer
+
+from gradsurgery.integrations.sources import BatchCycle, LossFn, LossSource, check_sources
+from gradsurgery.wrappers import (
+    MultiObjectiveOptimizer,
+    PhasedLR,
+    PhasedStats,
+    StepStats,
+    SurgeryOptimizer,
+    WrappedOptimizer,
+)
+
+__all__ = ["SurgeryTrainer", "WrapperStack"]
+
+
+@dataclass(frozen=True)
+class WrapperStack:
+    """The gradsurgery wrappers of an optimizer, checked against the sources that feed them.
+
+    Attributes:
+        surgery: the gradient surgery (GEM, LF-MLF, a baseline), if any.
+        phased: the :class:`~gradsurgery.PhasedLR`, if any.
+        train_objective: the objective of the Trainer's own batches (multi-objective
+            surgery only).
+        fed: the rows that sources feed, in row order.
+    """
+
+    surgery: SurgeryOptimizer[Any] | None
+    phased: PhasedLR | None
+    train_objective: str | None
+    fed: tuple[str, ...]
+
+    @classmethod
+    def of(
+        cls, optimizer: Optimizer, sources: Iterable[str], train_objective: str | None
+    ) -> WrapperStack:
+        """Find the wrappers in ``optimizer`` and check what feeds them.
+
+        Raises:
+            ValueError: no gradsurgery wrapper, a ``grad_scaler`` already set, or sources
+                and ``train_objective`` that do not match the wrapper's rows.
+        """
+        surgery: SurgeryOptimizer[Any] | None = None
+        phased: PhasedLR | None = None
+        inner = optimizer
+        while isinstance(inner, AcceleratedOptimizer | WrappedOptimizer):
+            if isinstance(inner, SurgeryOptimizer):
+                surgery = inner
+            elif isinstance(inner, PhasedLR):
+                phased = inner
+            inner = inner.optimizer
+        if surgery is None and phased is None:
+            raise ValueError(
+                f"the optimizer is a {type(optimizer).__name__}, not a gradsurgery wrapper; "
+                "SurgeryTrainer runs GEMProjector, the multi-objective wrappers and PhasedLR"
+            )
+        names = set(sources)
+        if surgery is None:
+            expected: tuple[str, ...] = ()
+            if train_objective is not None:
+                raise ValueError("train_objective applies to multi-objective wrappers only")
+        elif isinstance(surgery, MultiObjectiveOptimizer):
+            if train_objective not in surgery.objectives:
+                raise ValueError(
+                    f"{type(surgery).__name__} needs train_objective, the objective of the "
+                    f"Trainer's own batches: one of {list(surgery.objectives)}, got "
+                    f"{train_objective!r}"
+                )
+            expected = tuple(name for name in surgery.objectives if name != train_objective)
+        else:
+            if train_objective is not None:
+                raise ValueError(
+                    f"train_objective applies to multi-objective wrappers; the Trainer's loss "
+                    f"is {type(surgery).__name__}'s task gradient"
+                )
+            expected = surgery.row_names
+        if names != set(expected):
+            kind = "no row" if surgery is None else f"the {surgery.row_kind}s {list(expected)}"
+            raise ValueError(
+                f"sources are given for {sorted(names)}, but the wrapper needs one for each of "
+                f"{kind}, and no other"
+            )
+        if surgery is not None and surgery.grad_scaler is not None:
+            raise ValueError(
+                f"{type(surgery).__name__} has a grad_scaler; leave it unset: under fp16 the "
+                "Trainer's own GradScaler is used"
+            )
+        return cls(surgery, phased, train_objective, expected)
+
+
+class SurgeryTrainer(Trainer):
+    r"""A ``transformers.Trainer`` whose optimizer steps through a gradsurgery wrapper.
+
+    .. code-block:: python
+
+        trainer = SurgeryTrainer(
+            model=model, args=args, train_dataset=task_data,      # as for Trainer
+            wrap=lambda inner: GEMProjector(inner, constraints=["mlm"]),
+            sources={"mlm": (memory_loader, mlm_loss)},           # loss(model, batch)
+        )
+        trainer.train()
+
+    **The optimizer.** Either ``wrap`` turns the optimizer the Trainer creates (AdamW by
+    default, from ``TrainingArguments``) into a wrapper, or ``optimizers=(wrapper,
+    scheduler)`` gives one built by hand. The Trainer's LR scheduler is created after the
+    wrapper, on its parameter groups (which are the inner optimizer's).
+
+    **Sources.** ``sources`` maps each row the wrapper needs to a
+    :class:`~gradsurgery.integrations.sources.LossSource` or a pair ``(batches, loss)``:
+    every GEM constraint; for a multi-objective wrapper (LF-MLF, the baselines) every
+    objective but ``train_objective``, the objective of the Trainer's own batches
+    (``train_dataset``); none for ``PhasedLR`` alone. Every micro-batch, each source gives
+    its next batch (cycled, moved to the Trainer's device), ``loss(model, batch)`` is
+    divided by the number of micro-batches in the step, as the Trainer divides the task
+    loss, and its backward pass goes to the source's row. Micro-batch ``i`` of optimizer
+    step ``s`` uses batch ``s · gradient_accumulation_steps + i`` of each source, so a run
+    resumed from a checkpoint draws the batches the uninterrupted run drew.
+
+    **Each step**, after its last micro-batch, ``PhasedLR`` observes the step's training
+    loss (the Trainer's loss, summed over the micro-batches) and the surgery rewrites
+    ``.grad``; then the Trainer clips (``max_grad_norm``) the rewritten gradient and steps.
+    Under fp16 the wrapper unscales every row with the Trainer's ``GradScaler``, and a step
+    in which any row overflowed is skipped.
+
+    **Logs.** Whenever the Trainer logs its training loss, the statistics of that step
+    (``last_stats.to_dict()`` of each wrapper: ``gem/...``, ``lfmlf/...``, ``phased/...``)
+    are logged with it, like ``grad_norm``; ``logging_steps=1`` logs every step's.
+
+    **Checkpoints** hold the wrapper's state in ``optimizer.pt`` (its ``state_dict``), so
+    ``train(resume_from_checkpoint=...)`` restores it.
+
+    Args:
+        *args: ``Trainer``'s arguments.
+        wrap: ``wrap(inner) -> optimizer``, a gradsurgery wrapper around ``inner`` (for
+            stacks, the outermost); leave out when ``optimizers`` gives the wrapper.
+        sources: ``{name: (batches, loss)}`` for the rows the wrapper needs (see above).
+        train_objective: for a multi-objective wrapper, the objective of the Trainer's
+            own batches.
+        **kwargs: ``Trainer``'s keyword arguments.
+
+    Raises:
+        ValueError: neither or both of ``wrap`` and an optimizer in ``optimizers``, bad
+            sources, or (for an optimizer given) sources and ``train_objective`` that do
+            not match its rows; nothing is changed. A ``wrap`` result is checked the same
+            way when ``train()`` creates the optimizer.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        wrap: Callable[[Optimizer], Optimizer] | None = None,
+        sources: Mapping[str, LossSource | tuple[Iterable[Any], LossFn]] | None = None,
+        train_objective: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        checked = check_sources({} if sources is None else sources)
+        bound = inspect.signature(Trainer.__init__).bind_partial(None, *args, **kwargs)
+        given = bound.arguments.get("optimizers", (None, None))[0]
+        if wrap is not None and not callable(wrap):
+            raise ValueError(f"wrap must be callable as wrap(inner), got {type(wrap).__name__}")
+        if (wrap is None) == (given is None):
+            raise ValueError(
+                "give either wrap= (a function that wraps the optimizer the Trainer creates) "
+                "or optimizers=(wrapper, scheduler), not "
+                + ("both" if wrap is not None else "neither")
+            )
+        stack = None if given is None else WrapperStack.of(given, checked, train_objective)
+        super().__init__(*args, **kwargs)
+        self.wrap = wrap
+        self.sources = checked
+        self.train_objective = train_objective
+        self.wrappers: WrapperStack | None = stack
+        self._cycles = {name: BatchCycle(name, source.batches) for name, source in checked.items()}
+        self._window_step: int | None = None
+        self._micro_batch = 0
+        self._window_loss: Tensor | None = None
+        self._surgery_stats: StepStats | None = None
+
+    # -- the optimizer ---------------------------------------------------------------------
+
+    def create_optimizer(self, model: nn.Module | None = None) -> Optimizer:
+        """Create the Trainer's optimizer and wrap it with ``wrap`` (once), then check it.
+
+        Raises:
+            ValueError: ``wrap`` returned something that is not a gradsurgery wrapper around
+                the optimizer it was given, or one whose rows the sources do not match;
+                the Trainer is left without an optimizer.
+        """
+        fresh = self.optimizer is None
+        optimizer: Optimizer = super().create_optimizer(model)
+        if fresh and self.wrap is not None:
+            self.optimizer = None
+            wrapped = self.wrap(optimizer)
+            if not isinstance(wrapped, WrappedOptimizer) or not _wraps(wrapped, optimizer):
+                raise ValueError(
+                    f"wrap must return a gradsurgery wrapper around the optimizer it is given, "
+                    f"got {type(wrapped).__name__}"
+                )
+            self.wrappers = WrapperStack.of(wrapped, self.sources, self.train_objective)
+            self.optimizer = optimizer = wrapped
+        else:
+            self.wrappers = WrapperStack.of(optimizer, self.sources, self.train_objective)
+        surgery = self.wrappers.surgery
+        scaler = self.accelerator.scaler
+        if surgery is not None and scaler is not None:
+            surgery.grad_scaler = scaler
+        self._window_step = None
+        return optimizer
+
+    # -- the step --------------------------------------------------------------------------
+
+    def _route(self, name: str | None) -> AbstractContextManager[None]:
+        """Send backward passes to row ``name`` of the surgery (``None``: to ``.grad``)."""
+        surgery = self._stack().surgery
+        if name is None or surgery is None:
+            return nullcontext()
+        route: Callable[[str], AbstractContextManager[None]] = getattr(surgery, surgery.row_kind)
+        return route(name)
+
+    def _stack(self) -> WrapperStack:
+        if self.wrappers is None:
+            raise RuntimeError("the optimizer has not been created yet; call train()")
+        return self.wrappers
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor | Any],
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor:
+        """The Trainer's step on ``inputs``, then one batch of every source.
+
+        After the last micro-batch of an optimizer step, ``PhasedLR`` observes the step's
+        loss and the surgery rewrites ``.grad`` (before the Trainer clips it).
+        Returns the Trainer's (task) loss, as ``Trainer.training_step`` does.
+        """
+        stack = self._stack()
+        step = self.state.global_step
+        if self._window_step != step:
+            self._window_step, self._micro_batch, self._window_loss = step, 0, None
+            if stack.surgery is not None:
+                stack.surgery.zero_grad()
+                stack.surgery.bank.repair()  # .grad ← the zeroed views, after model.zero_grad()
+        with self._route(stack.train_objective):
+            loss: Tensor = super().training_step(model, inputs, num_items_in_batch)
+        position = step * self.args.gradient_accumulation_steps + self._micro_batch
+        for name in stack.fed:
+            batch = send_to_device(self._cycles[name].at(position), self.args.device)
+            with self.compute_loss_context_manager():
+                extra = self.sources[name].loss(model, batch)
+            if not (isinstance(extra, Tensor) and extra.dim() == 0):
+                raise ValueError(
+                    f"the loss of source {name!r} must return a 0-d tensor, got "
+                    f"{tuple(extra.shape) if isinstance(extra, Tensor) else type(extra).__name__}"
+                )
+            with self._route(name):
+                self.accelerator.backward(extra / self.current_gradient_accumulation_steps)
+        self._micro_batch += 1
+        self._window_loss = loss if self._window_loss is None else self._window_loss + loss
+        if self.accelerator.sync_gradients:
+            if stack.phased is not None:
+                stack.phased.observe(self._window_loss)
+            if stack.surgery is not None:
+                self._surgery_stats = stack.surgery.apply_surgery()
+        return loss
+
+    # -- clipping under fp16 ---------------------------------------------------------------
+
+    def _unscaled_by_surgery(self) -> bool:
+        """Whether the surgery already unscaled this step's gradients (fp16)."""
+        surgery = None if self.wrappers is None else self.wrappers.surgery
+        scaler = None if surgery is None else surgery.grad_scaler
+        return scaler is not None and scaler.is_enabled()
+
+    def _clip_grad_norm(self, model: nn.Module) -> Tensor:
+        # accelerate's clip_grad_norm_ unscales first, a second time under fp16 (GradScaler
+        # refuses that): clip the gradients the surgery unscaled directly instead.
+        if self._unscaled_by_surgery():
+            return torch.nn.utils.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        norm: Tensor = super()._clip_grad_norm(model)  # type: ignore[no-untyped-call]
+        return norm
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Tensor | None = None) -> Any:
+        if grad_norm is None and self._unscaled_by_surgery():
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+        return super()._get_grad_norm(model, grad_norm)  # type: ignore[no-untyped-call]
+
+    # -- logging ---------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Log as the Trainer does; a training-loss entry also gets the step's statistics."""
+        if "loss" in logs and self.wrappers is not None:
+            stats: list[StepStats | PhasedStats | None] = [self._surgery_stats]
+            if self.wrappers.phased is not None:
+                stats.append(self.wrappers.phased.last_stats)
+            logs = {**logs}
+            for entry in stats:
+                if entry is not None:
+                    logs.update(entry.to_dict())
+        super().log(logs, start_time)
+
+
+def _wraps(wrapper: Optimizer, inner: Optimizer) -> bool:
+    """Whether ``inner`` is in the stack of wrappers under ``wrapper``."""
+    while isinstance(wrapper, WrappedOptimizer):
+        wrapper = wrapper.optimizer
+        if wrapper is inner:
+            return True
+    return False

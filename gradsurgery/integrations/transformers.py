@@ -41,40 +41,58 @@ from gradsurgery.wrappers import (
     WrappedOptimizer,
 )
 
-__all__ = ["SurgeryTrainer", "WrapperStack"]
+__all__ = ["ObjectivesFn", "SurgeryTrainer", "WrapperStack"]
+
+ObjectivesFn = Callable[[nn.Module, Any], Mapping[str, Tensor]]
+"""``compute_objectives(model, inputs) -> {objective: loss}``: a Trainer batch split into
+the losses of several objectives (e.g. one per language of a batch keyed by language)."""
 
 
 @dataclass(frozen=True)
 class WrapperStack:
-    """The gradsurgery wrappers of an optimizer, checked against the sources that feed them.
+    """The gradsurgery wrappers of an optimizer, checked against what feeds their rows.
 
     Attributes:
         surgery: the gradient surgery (GEM, LF-MLF, a baseline), if any.
         phased: the :class:`~gradsurgery.PhasedLR`, if any.
-        train_objective: the objective of the Trainer's own batches (multi-objective
-            surgery only).
+        own: the objectives the Trainer's own batches feed (multi-objective surgery only):
+            ``(train_objective,)``, or with ``compute_objectives`` every objective that
+            no source feeds.
         fed: the rows that sources feed, in row order.
+        surgery_outermost: whether the surgery is the outermost wrapper.
     """
 
     surgery: SurgeryOptimizer[Any] | None
     phased: PhasedLR | None
-    train_objective: str | None
+    own: tuple[str, ...]
     fed: tuple[str, ...]
+    surgery_outermost: bool
 
     @classmethod
     def of(
-        cls, optimizer: Optimizer, sources: Iterable[str], train_objective: str | None
+        cls,
+        optimizer: Optimizer,
+        sources: Iterable[str],
+        train_objective: str | None,
+        split: bool = False,
     ) -> WrapperStack:
         """Find the wrappers in ``optimizer`` and check what feeds them.
 
+        ``split`` says that ``compute_objectives`` splits the Trainer's batches into
+        objectives.
+
         Raises:
-            ValueError: no gradsurgery wrapper, a ``grad_scaler`` already set, or sources
-                and ``train_objective`` that do not match the wrapper's rows.
+            ValueError: no gradsurgery wrapper, a ``grad_scaler`` already set, or sources,
+                ``train_objective`` and ``compute_objectives`` that do not match the
+                wrapper's rows.
         """
         surgery: SurgeryOptimizer[Any] | None = None
         phased: PhasedLR | None = None
+        outermost: Optimizer | None = None
         inner = optimizer
         while isinstance(inner, AcceleratedOptimizer | WrappedOptimizer):
+            if isinstance(inner, WrappedOptimizer) and outermost is None:
+                outermost = inner
             if isinstance(inner, SurgeryOptimizer):
                 surgery = inner
             elif isinstance(inner, PhasedLR):
@@ -86,25 +104,36 @@ class WrapperStack:
                 "SurgeryTrainer runs GEMProjector, the multi-objective wrappers and PhasedLR"
             )
         names = set(sources)
-        if surgery is None:
-            expected: tuple[str, ...] = ()
+        own: tuple[str, ...] = ()
+        if not isinstance(surgery, MultiObjectiveOptimizer):
+            if train_objective is not None or split:
+                given = "train_objective" if train_objective is not None else "compute_objectives"
+                raise ValueError(
+                    f"{given} applies to multi-objective wrappers (LF-MLF, Uniform, PCGrad, "
+                    "GradVac, MGDA); here the Trainer's loss is the gradient to step on"
+                )
+            expected = () if surgery is None else surgery.row_names
+        elif split:
             if train_objective is not None:
-                raise ValueError("train_objective applies to multi-objective wrappers only")
-        elif isinstance(surgery, MultiObjectiveOptimizer):
+                raise ValueError("give train_objective or compute_objectives, not both")
+            unknown = names - set(surgery.objectives)
+            if unknown or names == set(surgery.objectives):
+                raise ValueError(
+                    f"sources are given for {sorted(names)}; with compute_objectives they "
+                    f"may feed some of the objectives {list(surgery.objectives)}, and the "
+                    "Trainer's batches the others (at least one)"
+                )
+            own = tuple(name for name in surgery.objectives if name not in names)
+            expected = tuple(name for name in surgery.objectives if name in names)
+        else:
             if train_objective not in surgery.objectives:
                 raise ValueError(
                     f"{type(surgery).__name__} needs train_objective, the objective of the "
-                    f"Trainer's own batches: one of {list(surgery.objectives)}, got "
-                    f"{train_objective!r}"
+                    f"Trainer's own batches (one of {list(surgery.objectives)}, got "
+                    f"{train_objective!r}), or compute_objectives"
                 )
+            own = (train_objective,)
             expected = tuple(name for name in surgery.objectives if name != train_objective)
-        else:
-            if train_objective is not None:
-                raise ValueError(
-                    f"train_objective applies to multi-objective wrappers; the Trainer's loss "
-                    f"is {type(surgery).__name__}'s task gradient"
-                )
-            expected = surgery.row_names
         if names != set(expected):
             kind = "no row" if surgery is None else f"the {surgery.row_kind}s {list(expected)}"
             raise ValueError(
@@ -116,7 +145,7 @@ class WrapperStack:
                 f"{type(surgery).__name__} has a grad_scaler; leave it unset: under fp16 the "
                 "Trainer's own GradScaler is used"
             )
-        return cls(surgery, phased, train_objective, expected)
+        return cls(surgery, phased, own, expected, surgery is outermost)
 
 
 class SurgeryTrainer(Trainer):
@@ -182,6 +211,7 @@ class SurgeryTrainer(Trainer):
         wrap: Callable[[Optimizer], Optimizer] | None = None,
         sources: Mapping[str, LossSource | tuple[Iterable[Any], LossFn]] | None = None,
         train_objective: str | None = None,
+        compute_objectives: ObjectivesFn | None = None,
         **kwargs: Any,
     ) -> None:
         checked = check_sources({} if sources is None else sources)
@@ -195,11 +225,18 @@ class SurgeryTrainer(Trainer):
                 "or optimizers=(wrapper, scheduler), not "
                 + ("both" if wrap is not None else "neither")
             )
-        stack = None if given is None else WrapperStack.of(given, checked, train_objective)
+        if compute_objectives is not None and not callable(compute_objectives):
+            raise ValueError(
+                "compute_objectives must be callable as compute_objectives(model, inputs), "
+                f"got {type(compute_objectives).__name__}"
+            )
+        split = compute_objectives is not None
+        stack = None if given is None else WrapperStack.of(given, checked, train_objective, split)
         super().__init__(*args, **kwargs)
         self.wrap = wrap
         self.sources = checked
         self.train_objective = train_objective
+        self.compute_objectives = compute_objectives
         self.wrappers: WrapperStack | None = stack
         self._cycles = {name: BatchCycle(name, source.batches) for name, source in checked.items()}
         self._window_step: int | None = None
@@ -227,16 +264,28 @@ class SurgeryTrainer(Trainer):
                     f"wrap must return a gradsurgery wrapper around the optimizer it is given, "
                     f"got {type(wrapped).__name__}"
                 )
-            self.wrappers = WrapperStack.of(wrapped, self.sources, self.train_objective)
+            self.wrappers = self._check(wrapped)
             self.optimizer = optimizer = wrapped
         else:
-            self.wrappers = WrapperStack.of(optimizer, self.sources, self.train_objective)
+            self.wrappers = self._check(optimizer)
         surgery = self.wrappers.surgery
         scaler = self.accelerator.scaler
         if surgery is not None and scaler is not None:
+            if not self.wrappers.surgery_outermost:
+                self.wrappers = None
+                raise ValueError(
+                    f"under fp16 {type(surgery).__name__} must be the outermost wrapper (e.g. "
+                    f"{type(surgery).__name__}(PhasedLR(AdamW)), not the reverse): the "
+                    "Trainer's GradScaler steps the outermost optimizer and would unscale "
+                    "the gradients the surgery has already unscaled"
+                )
             surgery.grad_scaler = scaler
         self._window_step = None
         return optimizer
+
+    def _check(self, optimizer: Optimizer) -> WrapperStack:
+        split = self.compute_objectives is not None
+        return WrapperStack.of(optimizer, self.sources, self.train_objective, split)
 
     # -- the step --------------------------------------------------------------------------
 
@@ -272,18 +321,17 @@ class SurgeryTrainer(Trainer):
             if stack.surgery is not None:
                 stack.surgery.zero_grad()
                 stack.surgery.bank.repair()  # .grad ← the zeroed views, after model.zero_grad()
-        with self._route(stack.train_objective):
-            loss: Tensor = super().training_step(model, inputs, num_items_in_batch)
+        loss: Tensor
+        if self.compute_objectives is not None:
+            loss = self._objectives_step(self.compute_objectives, model, inputs, stack.own)
+        else:
+            with self._route(stack.own[0] if stack.own else None):
+                loss = super().training_step(model, inputs, num_items_in_batch)
         position = step * self.args.gradient_accumulation_steps + self._micro_batch
         for name in stack.fed:
             batch = send_to_device(self._cycles[name].at(position), self.args.device)
             with self.compute_loss_context_manager():
-                extra = self.sources[name].loss(model, batch)
-            if not (isinstance(extra, Tensor) and extra.dim() == 0):
-                raise ValueError(
-                    f"the loss of source {name!r} must return a 0-d tensor, got "
-                    f"{tuple(extra.shape) if isinstance(extra, Tensor) else type(extra).__name__}"
-                )
+                extra = _checked_loss(self.sources[name].loss(model, batch), f"source {name!r}")
             with self._route(name):
                 self.accelerator.backward(extra / self.current_gradient_accumulation_steps)
         self._micro_batch += 1
@@ -294,6 +342,35 @@ class SurgeryTrainer(Trainer):
             if stack.surgery is not None:
                 self._surgery_stats = stack.surgery.apply_surgery()
         return loss
+
+    def _objectives_step(
+        self,
+        compute_objectives: ObjectivesFn,
+        model: nn.Module,
+        inputs: dict[str, Tensor | Any],
+        own: tuple[str, ...],
+    ) -> Tensor:
+        """Split the Trainer's batch into objectives; backward each into its row.
+
+        Returns the mean of the objectives' losses, divided like the Trainer's loss by the
+        number of micro-batches in the step.
+        """
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            losses = compute_objectives(model, inputs)
+        if not isinstance(losses, Mapping) or set(losses) != set(own):
+            got = sorted(losses) if isinstance(losses, Mapping) else type(losses).__name__
+            raise ValueError(
+                f"compute_objectives must return {{name: loss}} for the objectives {list(own)} "
+                f"(those no source feeds), got {got}"
+            )
+        scale = self.current_gradient_accumulation_steps
+        for index, name in enumerate(own):
+            checked = _checked_loss(losses[name], f"objective {name!r} of compute_objectives")
+            with self._route(name):
+                self.accelerator.backward(checked / scale, retain_graph=index < len(own) - 1)
+        return torch.stack([losses[name].detach() for name in own]).mean() / scale
 
     # -- clipping under fp16 ---------------------------------------------------------------
 
@@ -330,6 +407,14 @@ class SurgeryTrainer(Trainer):
                 if entry is not None:
                     logs.update(entry.to_dict())
         super().log(logs, start_time)
+
+
+def _checked_loss(loss: Any, what: str) -> Tensor:
+    """``loss`` if it is a 0-d tensor, else ``ValueError`` naming ``what`` returned it."""
+    if not (isinstance(loss, Tensor) and loss.dim() == 0):
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"the loss of {what} must be a 0-d tensor, got {shape}")
+    return loss
 
 
 def _wraps(wrapper: Optimizer, inner: Optimizer) -> bool:

@@ -1,0 +1,468 @@
+"""SurgeryTrainer: every wrapper inside transformers' Trainer.train(), on a tiny BERT."""
+
+import ast
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForTokenClassification, TrainingArguments
+
+import gradsurgery
+from gradsurgery import (
+    MGDA,
+    GEMProjector,
+    GradVac,
+    ParetoLessForgetting,
+    PCGrad,
+    PhasedLR,
+    Uniform,
+)
+from gradsurgery.integrations.sources import BatchCycle
+from gradsurgery.integrations.transformers import SurgeryTrainer
+
+VOCAB, LABELS, LENGTH = 40, 3, 6
+LANGS = ("en", "de", "fr")
+
+
+def tiny_bert(seed: int = 0) -> BertForTokenClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=LENGTH,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=LABELS,
+    )
+    return BertForTokenClassification(config)
+
+
+def examples(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Token-tagging examples whose label is a fixed function of the token (learnable)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, VOCAB, (LENGTH,), generator=generator)
+        out.append({"input_ids": ids, "labels": (ids * (seed + 1)) % LABELS})
+    return out
+
+
+def batches(count: int, seed: int, size: int = 4) -> list[dict[str, torch.Tensor]]:
+    data = examples(count * size, seed)
+    return [
+        {key: torch.stack([e[key] for e in data[i : i + size]]) for key in data[0]}
+        for i in range(0, len(data), size)
+    ]
+
+
+def tagging_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    loss: torch.Tensor = model(**batch).loss
+    return loss
+
+
+def arguments(out: Path, **overrides: Any) -> TrainingArguments:
+    settings: dict[str, Any] = {
+        "output_dir": str(out),
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def memory() -> dict[str, Any]:
+    return {"mlm": (batches(3, seed=7), tagging_loss), "xsr": (batches(2, seed=8), tagging_loss)}
+
+
+def languages() -> dict[str, Any]:
+    return {"de": (batches(3, seed=1), tagging_loss), "fr": (batches(3, seed=2), tagging_loss)}
+
+
+# (wrap, sources, train_objective, prefix of the logged statistics)
+SETUPS: dict[str, Any] = {
+    "gem": (lambda o: GEMProjector(o, constraints=["mlm", "xsr"]), memory, None, "gem/"),
+    "agem": (
+        lambda o: GEMProjector(o, constraints=["mlm", "xsr"], mode="agem"),
+        memory,
+        None,
+        "gem/",
+    ),
+    "lfmlf": (lambda o: ParetoLessForgetting(o, LANGS), languages, "en", "lfmlf/"),
+    "uniform": (lambda o: Uniform(o, LANGS), languages, "en", "uniform/"),
+    "pcgrad": (
+        lambda o: PCGrad(o, LANGS, generator=torch.Generator().manual_seed(3)),
+        languages,
+        "en",
+        "pcgrad/",
+    ),
+    "gradvac": (lambda o: GradVac(o, LANGS), languages, "en", "gradvac/"),
+    "mgda": (lambda o: MGDA(o, LANGS), languages, "en", "mgda/"),
+}
+
+
+def make_trainer(
+    name: str, out: Path, model: nn.Module | None = None, **overrides: Any
+) -> SurgeryTrainer:
+    model = tiny_bert() if model is None else model
+    if name.startswith("phased"):
+        wrap: Any
+        if name == "phased":
+            wrap, sources, objective = (lambda o: PhasedLR(o, model, window=1), {}, None)
+        else:  # GEM under PhasedLR
+            wrap = lambda o: PhasedLR(GEMProjector(o, constraints=["mlm", "xsr"]), model, window=1)  # noqa: E731
+            sources, objective = memory(), None
+    else:
+        wrap, make_sources, objective, _ = SETUPS[name]
+        sources = make_sources()
+    return SurgeryTrainer(
+        model=model,
+        args=arguments(out, **overrides),
+        train_dataset=examples(16, seed=0),
+        wrap=wrap,
+        sources=sources,
+        train_objective=objective,
+    )
+
+
+def parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", [*SETUPS, "phased", "phased_gem"])
+def test_each_wrapper_trains_and_logs_its_statistics(name: str, tmp_path: Path) -> None:
+    trainer = make_trainer(name, tmp_path)
+    before = parameters(trainer.model)
+    trainer.train()
+    after = parameters(trainer.model)
+    assert trainer.state.global_step == 3
+    assert any(not torch.equal(before[key], after[key]) for key in before)
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in steps] == [1, 2, 3]
+    prefixes = {"phased": ["phased/"], "phased_gem": ["gem/", "phased/"]}.get(
+        name, [SETUPS.get(name, (None, None, None, ""))[3]]
+    )
+    for prefix in prefixes:
+        for entry in steps:
+            assert any(key.startswith(prefix) for key in entry), (prefix, entry)
+    stack = trainer.wrappers
+    assert stack is not None
+    final = steps[-1]
+    if stack.surgery is not None:
+        assert stack.surgery.last_stats is not None
+        assert final == {**final, **stack.surgery.last_stats.to_dict()}
+    if name in ("gem", "phased_gem"):
+        # the projected step increases no memory loss to first order
+        assert all(entry["gem/dot_after/mlm"] >= -1e-6 for entry in steps)
+        assert all(entry["gem/dot_after/xsr"] >= -1e-6 for entry in steps)
+    if name == "agem":  # A-GEM: not the mean memory loss
+        mean = [entry["gem/dot_after/mlm"] + entry["gem/dot_after/xsr"] for entry in steps]
+        assert all(value >= -1e-6 for value in mean)
+
+
+def hand_written_gem(steps: int, clip_first: bool) -> dict[str, torch.Tensor]:
+    """GEM as a user writes it, with the Trainer's AdamW, schedule and clipping."""
+    model = tiny_bert()
+    data = examples(8, seed=0)
+    mem = memory()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = GEMProjector(inner, constraints=["mlm", "xsr"])
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / steps)
+    cycles = {name: BatchCycle(name, batches) for name, (batches, _) in mem.items()}
+    for step in range(steps):
+        chunk = data[4 * step : 4 * step + 4]
+        batch = {key: torch.stack([e[key] for e in chunk]) for key in chunk[0]}
+        opt.zero_grad()
+        tagging_loss(model, batch).backward()
+        for name in ("mlm", "xsr"):
+            with opt.constraint(name):
+                tagging_loss(model, cycles[name].at(step)).backward()
+        if clip_first:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.apply_surgery()
+        else:
+            opt.apply_surgery()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+        schedule.step()
+    return parameters(model)
+
+
+def test_gem_in_the_trainer_equals_the_hand_written_loop(tmp_path: Path) -> None:
+    trainer = make_trainer(
+        "gem",
+        tmp_path,
+        max_steps=2,
+        max_grad_norm=0.5,
+        optim="adamw_torch",
+        train_sampling_strategy="sequential",
+    )
+    trainer.train_dataset = examples(8, seed=0)
+    trainer.train()
+    assert any(entry["gem/projected"] == 1.0 for entry in trainer.state.log_history[:2])
+    assert all(entry["grad_norm"] > 0.5 for entry in trainer.state.log_history[:2])
+    got = parameters(trainer.model)
+    expected = hand_written_gem(2, clip_first=False)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+    # the order matters: clipping before the surgery gives other parameters
+    other = hand_written_gem(2, clip_first=True)
+    assert any(not torch.allclose(got[key], other[key], atol=1e-6) for key in got)
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path: Path) -> None:
+    def run(out: Path, batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+        model = tiny_bert()
+        # BERT's forward takes **kwargs but its loss ignores num_items_in_batch; without
+        # this the Trainer would not divide the task loss by the accumulation steps
+        model.accepts_loss_kwargs = False
+        same = batches(1, seed=1)  # one memory batch: every micro-batch draws it
+        trainer = SurgeryTrainer(
+            model=model,
+            args=arguments(
+                out,
+                max_steps=2,
+                per_device_train_batch_size=batch_size,
+                gradient_accumulation_steps=accumulation,
+                train_sampling_strategy="sequential",
+            ),
+            train_dataset=examples(8, seed=0),
+            wrap=lambda o: Uniform(o, ["en", "de"]),
+            sources={"de": (same, tagging_loss)},
+            train_objective="en",
+        )
+        trainer.train()
+        return parameters(model)
+
+    large = run(tmp_path / "large", 4, 1)
+    accumulated = run(tmp_path / "accumulated", 2, 2)
+    for key in large:
+        torch.testing.assert_close(accumulated[key], large[key], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_on_cpu_reaches_the_memory_losses(tmp_path: Path) -> None:
+    model = tiny_bert()
+    dtypes: list[torch.dtype] = []
+    model.classifier.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+
+    def recording_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = tagging_loss(model, batch)
+        dtypes.append(loss.dtype)
+        return loss
+
+    trainer = SurgeryTrainer(
+        model=model,
+        args=arguments(tmp_path, bf16=True),
+        train_dataset=examples(16, seed=0),
+        wrap=lambda o: GEMProjector(o, constraints=["mlm"]),
+        sources={"mlm": (batches(2, seed=7), recording_loss)},
+    )
+    before = parameters(trainer.model)
+    trainer.train()
+    # per step: the task forward, then the memory forward under autocast and its fp32 loss
+    assert dtypes == [torch.bfloat16, torch.bfloat16, torch.float32] * 3
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(torch.isfinite(torch.tensor(entry["gem/grad_norm"])) for entry in steps)
+    after = parameters(trainer.model)
+    assert any(not torch.equal(before[key], after[key]) for key in before)
+
+
+@pytest.mark.parametrize("name", ["gem", "lfmlf", "gradvac", "pcgrad", "phased_gem"])
+def test_resume_from_a_checkpoint_continues_the_run(name: str, tmp_path: Path) -> None:
+    settings = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}
+    whole = make_trainer(name, tmp_path / "whole", **settings)
+    whole.train()
+    resumed = make_trainer(name, tmp_path / "resumed", **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    expected, got = parameters(whole.model), parameters(resumed.model)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+    saved, loaded = whole.optimizer.state_dict(), resumed.optimizer.state_dict()
+    for entry_saved, entry_loaded in zip(saved["gradsurgery"], loaded["gradsurgery"], strict=True):
+        assert entry_saved.keys() == entry_loaded.keys()
+        for key, value in entry_saved.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(entry_loaded[key], value, rtol=1e-5, atol=1e-7)
+            elif not isinstance(value, dict):
+                assert entry_loaded[key] == value, key
+
+
+def test_compute_objectives_splits_a_batch_keyed_by_language(tmp_path: Path) -> None:
+    class Keyed(torch.utils.data.Dataset[dict[str, Any]]):
+        def __init__(self) -> None:
+            self.parts = {lang: examples(8, seed=i) for i, lang in enumerate(("en", "de"))}
+
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, index: int) -> dict[str, Any]:
+            return {lang: part[index] for lang, part in self.parts.items()}
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            lang: {key: torch.stack([item[lang][key] for item in items]) for key in items[0][lang]}
+            for lang in items[0]
+        }
+
+    seen: list[set[str]] = []
+
+    def split(model: nn.Module, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        seen.append(set(inputs))
+        return {lang: tagging_loss(model, batch) for lang, batch in inputs.items()}
+
+    trainer = SurgeryTrainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, remove_unused_columns=False),
+        train_dataset=Keyed(),
+        data_collator=collate,
+        wrap=lambda o: ParetoLessForgetting(o, LANGS),
+        sources={"fr": (batches(2, seed=2), tagging_loss)},
+        compute_objectives=split,
+    )
+    trainer.train()
+    assert seen == [{"en", "de"}] * 3
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(steps) == 3
+    for entry in steps:
+        weights = [entry[f"lfmlf/weight/{lang}"] for lang in LANGS]
+        assert all(w >= -1e-9 for w in weights)
+        assert sum(weights) == pytest.approx(1.0, abs=1e-5)
+
+
+def plain_adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+BAD_INIT: dict[str, tuple[dict[str, Any], str]] = {
+    "no optimizer": ({}, "either wrap="),
+    "both": (
+        {"wrap": lambda o: o, "optimizers": ("model", None)},
+        "not both",
+    ),
+    "plain optimizer given": ({"optimizers": ("model", None)}, "not a gradsurgery wrapper"),
+    "wrap not callable": ({"wrap": 3}, "wrap must be callable"),
+    "iterator": (
+        {"wrap": lambda o: o, "sources": {"mlm": (iter([1]), tagging_loss)}},
+        "one-shot iterator",
+    ),
+    "loss not callable": ({"wrap": lambda o: o, "sources": {"mlm": ([1], 2)}}, "callable"),
+    "not a pair": ({"wrap": lambda o: o, "sources": {"mlm": [1]}}, "(batches, loss) pair"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INIT))
+def test_bad_construction_is_refused(case: str, tmp_path: Path) -> None:
+    settings, message = BAD_INIT[case]
+    model = tiny_bert()
+    if settings.get("optimizers", (None,))[0] == "model":
+        settings = {**settings, "optimizers": (plain_adamw(model), None)}
+    with pytest.raises(ValueError, match=message):
+        SurgeryTrainer(model=model, args=arguments(tmp_path), **settings)
+
+
+BAD_TRAIN: dict[str, tuple[Any, dict[str, Any], dict[str, Any], str]] = {
+    "wrap returns a plain optimizer": (lambda o: o, {}, {}, "gradsurgery wrapper around"),
+    "missing constraint": (
+        lambda o: GEMProjector(o, constraints=["mlm", "xsr"]),
+        {"mlm": (batches(1, 7), tagging_loss)},
+        {},
+        r"needs one for each of the constraints \['mlm', 'xsr'\]",
+    ),
+    "unknown source": (
+        lambda o: GEMProjector(o, constraints=["mlm"]),
+        {"mlm": (batches(1, 7), tagging_loss), "nlm": (batches(1, 7), tagging_loss)},
+        {},
+        "no other",
+    ),
+    "multi-objective without train_objective": (
+        lambda o: Uniform(o, LANGS),
+        {},
+        {},
+        "needs train_objective",
+    ),
+    "train_objective for GEM": (
+        lambda o: GEMProjector(o, constraints=["mlm"]),
+        {"mlm": (batches(1, 7), tagging_loss)},
+        {"train_objective": "en"},
+        "applies to multi-objective wrappers",
+    ),
+    "both train_objective and compute_objectives": (
+        lambda o: Uniform(o, LANGS),
+        {},
+        {"train_objective": "en", "compute_objectives": lambda m, b: {}},
+        "not both",
+    ),
+    "wrapper with its own GradScaler": (
+        lambda o: GEMProjector(o, grad_scaler=torch.amp.GradScaler("cpu")),
+        {"0": (batches(1, 7), tagging_loss)},
+        {},
+        "leave it unset",
+    ),
+    "memory loss not a scalar": (
+        lambda o: GEMProjector(o, constraints=["mlm"]),
+        {"mlm": (batches(1, 7), lambda m, b: m(**b).logits)},
+        {},
+        r"source 'mlm' must be a 0-d tensor, got \(4, 6, 3\)",
+    ),
+    "compute_objectives misses an objective": (
+        lambda o: Uniform(o, LANGS),
+        {"fr": (batches(1, 2), tagging_loss)},
+        {"compute_objectives": lambda m, b: {"en": tagging_loss(m, b)}},
+        r"for the objectives \['en', 'de'\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TRAIN))
+def test_bad_configuration_is_refused_before_any_step(case: str, tmp_path: Path) -> None:
+    wrap, sources, extra, message = BAD_TRAIN[case]
+    model = tiny_bert()
+    before = parameters(model)
+    trainer = SurgeryTrainer(
+        model=model,
+        args=arguments(tmp_path),
+        train_dataset=examples(8, seed=0),
+        wrap=wrap,
+        sources=sources,
+        **extra,
+    )
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    after = parameters(model)
+    assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_batch_cycle_draws_by_position() -> None:
+    cycle = BatchCycle("m", [0, 1, 2])
+    assert [cycle.at(i) for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    assert cycle.at(4) == 1  # backward: starts the stream again
+    assert BatchCycle("m", [0, 1, 2]).at(5) == 2  # a fresh cycle (a resumed run) agrees
+    with pytest.raises(ValueError, match="source 'e' has no batch"):
+        BatchCycle("e", []).at(0)
+
+
+def test_only_the_integration_module_imports_transformers() -> None:
+    package = Path(gradsurgery.__file__).parent
+    importers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module is not None:
+                names = [node.module]
+            if any(name.split(".")[0] in ("transformers", "accelerate") for name in names):
+                importers.add(path.relative_to(package).as_posix())
+    assert importers == {"integrations/transformers.py"}

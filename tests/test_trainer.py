@@ -21,7 +21,7 @@ from gradsurgery import (
     Uniform,
 )
 from gradsurgery.integrations.sources import BatchCycle
-from gradsurgery.integrations.transformers import SurgeryTrainer
+from gradsurgery.integrations.transformers import SOURCES_NAME, SurgeryTrainer
 
 VOCAB, LABELS, LENGTH = 40, 3, 6
 LANGS = ("en", "de", "fr")
@@ -308,6 +308,52 @@ def test_resume_from_a_checkpoint_continues_the_run(name: str, tmp_path: Path) -
                 assert entry_loaded[key] == value, key
 
 
+class SeededStream:
+    """An endless stream of random batches that saves where it is, as MemoryBatches does."""
+
+    def __init__(self, seed: int) -> None:
+        self.data = examples(16, seed=seed)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> "SeededStream":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        chosen = torch.randperm(len(self.data), generator=self.generator)[:4].tolist()
+        return {key: torch.stack([self.data[i][key] for i in chosen]) for key in self.data[0]}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def test_resume_restores_a_stream_source_where_it_was(tmp_path: Path) -> None:
+    def trainer(out: Path) -> SurgeryTrainer:
+        return SurgeryTrainer(
+            model=tiny_bert(),
+            args=arguments(out, max_steps=4, save_strategy="steps", save_steps=2),
+            train_dataset=examples(16, seed=0),
+            wrap=lambda o: GEMProjector(o, constraints=["mlm"]),
+            sources={"mlm": (SeededStream(5), tagging_loss)},
+        )
+
+    whole = trainer(tmp_path / "whole")
+    whole.train()
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    assert (checkpoint / SOURCES_NAME).is_file()
+    resumed = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    expected, got = parameters(whole.model), parameters(resumed.model)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+    # without the file the stream could only start afresh: refused
+    (checkpoint / SOURCES_NAME).unlink()
+    with pytest.raises(ValueError, match=f"has no {SOURCES_NAME}"):
+        trainer(tmp_path / "fresh").train(resume_from_checkpoint=str(checkpoint))
+
+
 def test_compute_objectives_splits_a_batch_keyed_by_language(tmp_path: Path) -> None:
     class Keyed(torch.utils.data.Dataset[dict[str, Any]]):
         def __init__(self) -> None:
@@ -362,9 +408,9 @@ BAD_INIT: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "plain optimizer given": ({"optimizers": ("model", None)}, "not a gradsurgery wrapper"),
     "wrap not callable": ({"wrap": 3}, "wrap must be callable"),
-    "iterator": (
-        {"wrap": lambda o: o, "sources": {"mlm": (iter([1]), tagging_loss)}},
-        "one-shot iterator",
+    "batches not iterable": (
+        {"wrap": lambda o: o, "sources": {"mlm": (3, tagging_loss)}},
+        "must be iterable",
     ),
     "loss not callable": ({"wrap": lambda o: o, "sources": {"mlm": ([1], 2)}}, "callable"),
     "not a pair": ({"wrap": lambda o: o, "sources": {"mlm": [1]}}, r"\(batches, loss\) pair"),
@@ -424,6 +470,12 @@ BAD_TRAIN: dict[str, tuple[Any, dict[str, Any], dict[str, Any], str]] = {
         {"mlm": (batches(1, 7), lambda m, b: m(**b).logits)},
         {},
         r"source 'mlm' must be a 0-d tensor, got \(4, 6, 3\)",
+    ),
+    "iterator that runs out": (
+        lambda o: GEMProjector(o, constraints=["mlm"]),
+        {"mlm": (iter([]), tagging_loss)},
+        {},
+        "the iterator of source 'mlm' ran out at draw 0",
     ),
     "compute_objectives misses an objective": (
         lambda o: Uniform(o, LANGS),

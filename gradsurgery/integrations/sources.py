@@ -1,10 +1,15 @@
 """Where the extra gradients come from in a training loop: batches and a loss, by name.
 
-A :class:`LossSource` pairs an iterable of batches with the loss to compute on them, e.g. a
-masked-LM loss on memory text for a GEM constraint, or the task loss on another language's
-batches for an LF-MLF objective. A :class:`BatchCycle` draws its batches by position in the
-endless stream ``batches`` repeated, so that the batch drawn at a given position is the same
-in an uninterrupted run and in one resumed from a checkpoint.
+A :class:`LossSource` pairs batches with the loss to compute on them, e.g. a masked-LM loss
+on memory text for a GEM constraint, or the task loss on another language's batches for an
+LF-MLF objective. The batches are either
+
+* an iterable that can be iterated again (a list, a ``DataLoader``): a :class:`BatchCycle`
+  draws them by position in the endless stream ``batches`` repeated, so that the batch
+  drawn at a given position is the same in an uninterrupted run and in a resumed one; or
+* an iterator, e.g. an endless random stream such as ``gradsurgery.data.MemoryBatches``:
+  a :class:`BatchStream` draws ``next()``; a resumed run draws what the uninterrupted run
+  drew if the iterator has ``state_dict``/``load_state_dict`` (saved with checkpoints).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-__all__ = ["BatchCycle", "LossFn", "LossSource", "check_sources"]
+__all__ = ["BatchCycle", "BatchStream", "LossFn", "LossSource", "check_sources", "drawer"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss(model, batch) -> Tensor``: a 0-d loss computed with ``model`` on one batch."""
@@ -25,7 +30,7 @@ class LossSource(NamedTuple):
 
     Attributes:
         batches: an iterable that can be iterated again and again (a list, a
-            ``DataLoader``); it is cycled.
+            ``DataLoader``), which is cycled, or an iterator (an endless stream).
         loss: ``loss(model, batch) -> Tensor``, a 0-d loss that is a mean over the batch.
     """
 
@@ -54,12 +59,6 @@ def check_sources(sources: Mapping[str, Any]) -> dict[str, LossSource]:
         if not isinstance(batches, Iterable):
             raise ValueError(
                 f"the batches of source {name!r} must be iterable, got {type(batches).__name__}"
-            )
-        if isinstance(batches, Iterator):
-            raise ValueError(
-                f"the batches of source {name!r} are a one-shot iterator "
-                f"({type(batches).__name__}); they are cycled, so give an iterable that can be "
-                "iterated again, such as a list or a DataLoader"
             )
         if not callable(loss):
             raise ValueError(
@@ -115,3 +114,48 @@ class BatchCycle:
         batch = self._next()
         self.position += 1
         return batch
+
+
+class BatchStream:
+    """The batches of an iterator, drawn with ``next()``.
+
+    Args:
+        name: the source's name, for error messages.
+        batches: the iterator; it should not end (a source draws a batch every micro-batch).
+    """
+
+    def __init__(self, name: str, batches: Iterator[Any]) -> None:
+        self.name = name
+        self.batches = batches
+
+    def at(self, position: int) -> Any:
+        """The iterator's next batch (``position`` is the caller's count, not used)."""
+        try:
+            return next(self.batches)
+        except StopIteration:
+            raise ValueError(
+                f"the iterator of source {self.name!r} ran out at draw {position}: give an "
+                "endless stream, or an iterable (a list, a DataLoader) to cycle"
+            ) from None
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the iterator can save and restore where it is (``state_dict``)."""
+        return callable(getattr(self.batches, "state_dict", None)) and callable(
+            getattr(self.batches, "load_state_dict", None)
+        )
+
+    def state_dict(self) -> Any:
+        """The iterator's ``state_dict()``."""
+        return self.batches.state_dict()  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore the iterator with its ``load_state_dict``."""
+        self.batches.load_state_dict(state)  # type: ignore[attr-defined]
+
+
+def drawer(name: str, batches: Iterable[Any]) -> BatchCycle | BatchStream:
+    """A :class:`BatchStream` for an iterator, else a :class:`BatchCycle`."""
+    if isinstance(batches, Iterator):
+        return BatchStream(name, batches)
+    return BatchCycle(name, batches)

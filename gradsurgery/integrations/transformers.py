@@ -19,133 +19,35 @@ gradsurgery[transformers]``. Tested with transformers 5.23 and accelerate 1.15; 
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import send_to_device
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from transformers import Trainer
 
-from gradsurgery.integrations.sources import BatchCycle, LossFn, LossSource, check_sources
-from gradsurgery.wrappers import (
-    MultiObjectiveOptimizer,
-    PhasedLR,
-    PhasedStats,
-    StepStats,
-    SurgeryOptimizer,
-    WrappedOptimizer,
+from gradsurgery.integrations.sources import (
+    BatchStream,
+    LossFn,
+    LossSource,
+    check_sources,
+    drawer,
 )
+from gradsurgery.integrations.stack import WrapperStack
+from gradsurgery.wrappers import PhasedStats, StepStats, WrappedOptimizer
 
-__all__ = ["ObjectivesFn", "SurgeryTrainer", "WrapperStack"]
+__all__ = ["SOURCES_NAME", "ObjectivesFn", "SurgeryTrainer"]
+
+SOURCES_NAME = "gradsurgery_sources.pt"
+"""The file of a checkpoint that holds the states of the sources' iterators."""
 
 ObjectivesFn = Callable[[nn.Module, Any], Mapping[str, Tensor]]
 """``compute_objectives(model, inputs) -> {objective: loss}``: a Trainer batch split into
 the losses of several objectives (e.g. one per language of a batch keyed by language)."""
-
-
-@dataclass(frozen=True)
-class WrapperStack:
-    """The gradsurgery wrappers of an optimizer, checked against what feeds their rows.
-
-    Attributes:
-        surgery: the gradient surgery (GEM, LF-MLF, a baseline), if any.
-        phased: the :class:`~gradsurgery.PhasedLR`, if any.
-        own: the objectives the Trainer's own batches feed (multi-objective surgery only):
-            ``(train_objective,)``, or with ``compute_objectives`` every objective that
-            no source feeds.
-        fed: the rows that sources feed, in row order.
-        surgery_outermost: whether the surgery is the outermost wrapper.
-    """
-
-    surgery: SurgeryOptimizer[Any] | None
-    phased: PhasedLR | None
-    own: tuple[str, ...]
-    fed: tuple[str, ...]
-    surgery_outermost: bool
-
-    @classmethod
-    def of(
-        cls,
-        optimizer: Optimizer,
-        sources: Iterable[str],
-        train_objective: str | None,
-        split: bool = False,
-    ) -> WrapperStack:
-        """Find the wrappers in ``optimizer`` and check what feeds them.
-
-        ``split`` says that ``compute_objectives`` splits the Trainer's batches into
-        objectives.
-
-        Raises:
-            ValueError: no gradsurgery wrapper, a ``grad_scaler`` already set, or sources,
-                ``train_objective`` and ``compute_objectives`` that do not match the
-                wrapper's rows.
-        """
-        surgery: SurgeryOptimizer[Any] | None = None
-        phased: PhasedLR | None = None
-        outermost: Optimizer | None = None
-        inner = optimizer
-        while isinstance(inner, AcceleratedOptimizer | WrappedOptimizer):
-            if isinstance(inner, WrappedOptimizer) and outermost is None:
-                outermost = inner
-            if isinstance(inner, SurgeryOptimizer):
-                surgery = inner
-            elif isinstance(inner, PhasedLR):
-                phased = inner
-            inner = inner.optimizer
-        if surgery is None and phased is None:
-            raise ValueError(
-                f"the optimizer is a {type(optimizer).__name__}, not a gradsurgery wrapper; "
-                "SurgeryTrainer runs GEMProjector, the multi-objective wrappers and PhasedLR"
-            )
-        names = set(sources)
-        own: tuple[str, ...] = ()
-        if not isinstance(surgery, MultiObjectiveOptimizer):
-            if train_objective is not None or split:
-                given = "train_objective" if train_objective is not None else "compute_objectives"
-                raise ValueError(
-                    f"{given} applies to multi-objective wrappers (LF-MLF, Uniform, PCGrad, "
-                    "GradVac, MGDA); here the Trainer's loss is the gradient to step on"
-                )
-            expected = () if surgery is None else surgery.row_names
-        elif split:
-            if train_objective is not None:
-                raise ValueError("give train_objective or compute_objectives, not both")
-            unknown = names - set(surgery.objectives)
-            if unknown or names == set(surgery.objectives):
-                raise ValueError(
-                    f"sources are given for {sorted(names)}; with compute_objectives they "
-                    f"may feed some of the objectives {list(surgery.objectives)}, and the "
-                    "Trainer's batches the others (at least one)"
-                )
-            own = tuple(name for name in surgery.objectives if name not in names)
-            expected = tuple(name for name in surgery.objectives if name in names)
-        else:
-            if train_objective not in surgery.objectives:
-                raise ValueError(
-                    f"{type(surgery).__name__} needs train_objective, the objective of the "
-                    f"Trainer's own batches (one of {list(surgery.objectives)}, got "
-                    f"{train_objective!r}), or compute_objectives"
-                )
-            own = (train_objective,)
-            expected = tuple(name for name in surgery.objectives if name != train_objective)
-        if names != set(expected):
-            kind = "no row" if surgery is None else f"the {surgery.row_kind}s {list(expected)}"
-            raise ValueError(
-                f"sources are given for {sorted(names)}, but the wrapper needs one for each of "
-                f"{kind}, and no other"
-            )
-        if surgery is not None and surgery.grad_scaler is not None:
-            raise ValueError(
-                f"{type(surgery).__name__} has a grad_scaler; leave it unset: under fp16 the "
-                "Trainer's own GradScaler is used"
-            )
-        return cls(surgery, phased, own, expected, surgery is outermost)
 
 
 class SurgeryTrainer(Trainer):
@@ -238,7 +140,7 @@ class SurgeryTrainer(Trainer):
         self.train_objective = train_objective
         self.compute_objectives = compute_objectives
         self.wrappers: WrapperStack | None = stack
-        self._cycles = {name: BatchCycle(name, source.batches) for name, source in checked.items()}
+        self._draws = {name: drawer(name, source.batches) for name, source in checked.items()}
         self._window_step: int | None = None
         self._micro_batch = 0
         self._window_loss: Tensor | None = None
@@ -329,7 +231,7 @@ class SurgeryTrainer(Trainer):
                 loss = super().training_step(model, inputs, num_items_in_batch)
         position = step * self.args.gradient_accumulation_steps + self._micro_batch
         for name in stack.fed:
-            batch = send_to_device(self._cycles[name].at(position), self.args.device)
+            batch = send_to_device(self._draws[name].at(position), self.args.device)
             with self.compute_loss_context_manager():
                 extra = _checked_loss(self.sources[name].loss(model, batch), f"source {name!r}")
             with self._route(name):
@@ -371,6 +273,41 @@ class SurgeryTrainer(Trainer):
             with self._route(name):
                 self.accelerator.backward(checked / scale, retain_graph=index < len(own) - 1)
         return torch.stack([losses[name].detach() for name in own]).mean() / scale
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def _streams(self) -> dict[str, BatchStream]:
+        return {
+            name: draw
+            for name, draw in self._draws.items()
+            if isinstance(draw, BatchStream) and draw.resumable
+        }
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        streams = self._streams()
+        if streams and self.args.should_save:
+            states = {name: stream.state_dict() for name, stream in streams.items()}
+            torch.save(states, os.path.join(output_dir, SOURCES_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        streams = self._streams()
+        if checkpoint is None or not streams:
+            return
+        path = os.path.join(checkpoint, SOURCES_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"{checkpoint} has no {SOURCES_NAME}: it was not saved by a SurgeryTrainer "
+                f"with the sources {sorted(streams)}"
+            )
+        states = torch.load(path, weights_only=True)
+        if set(states) != set(streams):
+            raise ValueError(
+                f"{path} holds the states of the sources {sorted(states)}, not of {sorted(streams)}"
+            )
+        for name, stream in streams.items():
+            stream.load_state_dict(states[name])
 
     # -- clipping under fp16 ---------------------------------------------------------------
 

@@ -286,6 +286,73 @@ def test_bf16_autocast_on_cpu_reaches_the_memory_losses(tmp_path: Path) -> None:
     assert any(not torch.equal(before[key], after[key]) for key in before)
 
 
+def with_grad_scaler(trainer: SurgeryTrainer, scale: float = 2.0**12) -> torch.amp.GradScaler:
+    """Give the Trainer the GradScaler that fp16 on a GPU gives it (here on the CPU)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    trainer.accelerator.scaler = scaler
+    return scaler
+
+
+@pytest.mark.parametrize("name", ["gem", "lfmlf"])
+def test_the_trainers_grad_scaler_unscales_every_row_once(name: str, tmp_path: Path) -> None:
+    plain = make_trainer(name, tmp_path / "plain", max_grad_norm=0.5)
+    plain.train()
+    scaled = make_trainer(name, tmp_path / "scaled", max_grad_norm=0.5)
+    scaler = with_grad_scaler(scaled)
+    scaled.train()
+    assert scaled.wrappers is not None and scaled.wrappers.surgery is not None
+    assert scaled.wrappers.surgery.grad_scaler is scaler
+    # a power-of-two scale, unscaled exactly once before clipping, changes nothing
+    expected, got = parameters(plain.model), parameters(scaled.model)
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+    norms = [entry.get("grad_norm") for entry in scaled.state.log_history]
+    assert norms == [entry.get("grad_norm") for entry in plain.state.log_history]
+
+
+def test_a_step_whose_memory_gradient_overflows_is_skipped(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def overflowing_first(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        calls.append(1)
+        loss = tagging_loss(model, batch)
+        return loss * float("inf") if len(calls) == 1 else loss
+
+    model = tiny_bert()
+    trainer = SurgeryTrainer(
+        model=model,
+        args=arguments(tmp_path, max_steps=1),
+        train_dataset=examples(16, seed=0),
+        wrap=lambda o: GEMProjector(o, constraints=["mlm"]),
+        sources={"mlm": (batches(2, seed=7), overflowing_first)},
+    )
+    scaler = with_grad_scaler(trainer)
+    before = parameters(model)
+    trainer.train()
+    assert trainer.state.log_history[0]["gem/skipped"] == 1.0
+    assert scaler.get_scale() == 2.0**11
+    after = parameters(model)
+    assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_under_a_grad_scaler_the_surgery_must_be_outermost(tmp_path: Path) -> None:
+    inside = make_trainer("phased_gem", tmp_path)
+    with_grad_scaler(inside)
+    with pytest.raises(ValueError, match="must be the outermost wrapper"):
+        inside.create_optimizer()
+    assert inside.optimizer is None
+    model = tiny_bert()
+    outside = SurgeryTrainer(
+        model=model,
+        args=arguments(tmp_path),
+        wrap=lambda o: GEMProjector(PhasedLR(o, model, window=1)),
+        sources={"0": (batches(1, seed=7), tagging_loss)},
+    )
+    scaler = with_grad_scaler(outside)
+    outside.create_optimizer()
+    assert outside.wrappers is not None and outside.wrappers.surgery is not None
+    assert outside.wrappers.surgery.grad_scaler is scaler
+
+
 @pytest.mark.parametrize("name", ["gem", "lfmlf", "gradvac", "pcgrad", "phased_gem"])
 def test_resume_from_a_checkpoint_continues_the_run(name: str, tmp_path: Path) -> None:
     settings: dict[str, Any] = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}

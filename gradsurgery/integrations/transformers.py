@@ -166,22 +166,21 @@ class SurgeryTrainer(Trainer):
                     f"wrap must return a gradsurgery wrapper around the optimizer it is given, "
                     f"got {type(wrapped).__name__}"
                 )
-            self.wrappers = self._check(wrapped)
-            self.optimizer = optimizer = wrapped
-        else:
-            self.wrappers = self._check(optimizer)
-        surgery = self.wrappers.surgery
+            optimizer = wrapped
+        self.wrappers = None
+        stack = self._check(optimizer)
         scaler = self.accelerator.scaler
-        if surgery is not None and scaler is not None:
-            if not self.wrappers.surgery_outermost:
-                self.wrappers = None
+        if stack.surgery is not None and scaler is not None:
+            if not stack.surgery_outermost:
+                name = type(stack.surgery).__name__
                 raise ValueError(
-                    f"under fp16 {type(surgery).__name__} must be the outermost wrapper (e.g. "
-                    f"{type(surgery).__name__}(PhasedLR(AdamW)), not the reverse): the "
-                    "Trainer's GradScaler steps the outermost optimizer and would unscale "
-                    "the gradients the surgery has already unscaled"
+                    f"under fp16 {name} must be the outermost wrapper (e.g. "
+                    f"{name}(PhasedLR(AdamW)), not the reverse): the Trainer's GradScaler "
+                    "steps the outermost optimizer and would unscale the gradients the "
+                    "surgery has already unscaled"
                 )
-            surgery.grad_scaler = scaler
+            stack.surgery.grad_scaler = scaler
+        self.optimizer, self.wrappers = optimizer, stack
         self._window_step = None
         return optimizer
 

@@ -70,19 +70,22 @@ class SurgeryTrainer(Trainer):
     **Sources.** ``sources`` maps each row the wrapper needs to a
     :class:`~gradsurgery.integrations.sources.LossSource` or a pair ``(batches, loss)``:
     every GEM constraint; for a multi-objective wrapper (LF-MLF, the baselines) every
-    objective but ``train_objective``, the objective of the Trainer's own batches
-    (``train_dataset``); none for ``PhasedLR`` alone. Every micro-batch, each source gives
-    its next batch (cycled, moved to the Trainer's device), ``loss(model, batch)`` is
-    divided by the number of micro-batches in the step, as the Trainer divides the task
-    loss, and its backward pass goes to the source's row. Micro-batch ``i`` of optimizer
-    step ``s`` uses batch ``s · gradient_accumulation_steps + i`` of each source, so a run
-    resumed from a checkpoint draws the batches the uninterrupted run drew.
+    objective that the Trainer's own batches (``train_dataset``) do not feed; none for
+    ``PhasedLR`` alone. The Trainer's batches feed ``train_objective``, or with
+    ``compute_objectives(model, inputs) -> {objective: loss}`` several objectives at once
+    (e.g. a batch keyed by language). Every micro-batch, each source gives its next batch
+    (moved to the Trainer's device), ``loss(model, batch)`` is divided by the number of
+    micro-batches in the step, as the Trainer divides the task loss, and its backward pass
+    goes to the source's row. An iterable is cycled by position: micro-batch ``i`` of
+    optimizer step ``s`` uses batch ``s · gradient_accumulation_steps + i``; an iterator
+    is drawn with ``next()`` and, if it has ``state_dict``, saved with checkpoints. Either
+    way a resumed run draws the batches the uninterrupted run drew.
 
     **Each step**, after its last micro-batch, ``PhasedLR`` observes the step's training
     loss (the Trainer's loss, summed over the micro-batches) and the surgery rewrites
     ``.grad``; then the Trainer clips (``max_grad_norm``) the rewritten gradient and steps.
-    Under fp16 the wrapper unscales every row with the Trainer's ``GradScaler``, and a step
-    in which any row overflowed is skipped.
+    Under fp16 the surgery (which must then be the outermost wrapper) unscales every row
+    with the Trainer's ``GradScaler``, and a step in which any row overflowed is skipped.
 
     **Logs.** Whenever the Trainer logs its training loss, the statistics of that step
     (``last_stats.to_dict()`` of each wrapper: ``gem/...``, ``lfmlf/...``, ``phased/...``)
@@ -98,13 +101,16 @@ class SurgeryTrainer(Trainer):
         sources: ``{name: (batches, loss)}`` for the rows the wrapper needs (see above).
         train_objective: for a multi-objective wrapper, the objective of the Trainer's
             own batches.
+        compute_objectives: for a multi-objective wrapper, instead of ``train_objective``:
+            ``compute_objectives(model, inputs) -> {objective: loss}`` for the objectives
+            no source feeds; each loss is backwarded into its objective's row.
         **kwargs: ``Trainer``'s keyword arguments.
 
     Raises:
         ValueError: neither or both of ``wrap`` and an optimizer in ``optimizers``, bad
-            sources, or (for an optimizer given) sources and ``train_objective`` that do
-            not match its rows; nothing is changed. A ``wrap`` result is checked the same
-            way when ``train()`` creates the optimizer.
+            sources, or (for an optimizer given) sources, ``train_objective`` and
+            ``compute_objectives`` that do not match its rows; nothing is changed. A
+            ``wrap`` result is checked the same way when ``train()`` creates the optimizer.
     """
 
     def __init__(

@@ -177,6 +177,11 @@ class SurgeryTrainer(Trainer):
         stack = self._check(optimizer)
         scaler = self.accelerator.scaler
         if stack.surgery is not None and scaler is not None:
+            if not hasattr(Trainer, "_clip_grad_norm"):
+                raise ValueError(
+                    "a gradient surgery under fp16 needs transformers >= 5 (its Trainer's "
+                    "_clip_grad_norm hook, where the surgery's unscaled gradients are clipped)"
+                )
             if not stack.surgery_outermost:
                 name = type(stack.surgery).__name__
                 raise ValueError(

@@ -178,6 +178,10 @@ def test_each_wrapper_trains_and_logs_its_statistics(name: str, tmp_path: Path) 
     assert any(not torch.equal(before[key], after[key]) for key in before)
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["step"] for entry in steps] == [1, 2, 3]
+    # the Trainer's linear schedule drives the wrapper's (the inner optimizer's) groups
+    assert [entry["learning_rate"] for entry in steps] == pytest.approx([1e-3, 2e-3 / 3, 1e-3 / 3])
+    assert trainer.optimizer is not None
+    assert all(group["lr"] == 0.0 for group in trainer.optimizer.param_groups)
     prefixes = {"phased": ["phased/"], "phased_gem": ["gem/", "phased/"]}.get(
         name, [SETUPS.get(name, (None, None, None, ""))[3]]
     )
@@ -625,6 +629,31 @@ def test_bad_configuration_is_refused_before_any_step(case: str, tmp_path: Path)
         trainer.train()
     after = parameters(model)
     assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_a_wrapper_given_through_optimizers_runs(tmp_path: Path) -> None:
+    model = tiny_bert()
+    opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), constraints=["mlm"])
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5**t)
+    trainer = SurgeryTrainer(
+        model=model,
+        args=arguments(tmp_path),
+        train_dataset=examples(16, seed=0),
+        optimizers=(opt, schedule),
+        sources={"mlm": (batches(2, seed=7), tagging_loss)},
+    )
+    trainer.train()
+    assert opt.last_stats is not None
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["learning_rate"] for entry in steps] == pytest.approx([0.1, 0.05, 0.025])
+
+
+def test_distributed_set_ups_are_refused(tmp_path: Path) -> None:
+    trainer = make_trainer("gem", tmp_path)
+    trainer.is_fsdp_enabled = True
+    with pytest.raises(ValueError, match="single process without DeepSpeed or FSDP"):
+        trainer.create_optimizer()
+    assert trainer.optimizer is None
 
 
 def test_batch_cycle_draws_by_position() -> None:

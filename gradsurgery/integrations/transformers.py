@@ -159,9 +159,15 @@ class SurgeryTrainer(Trainer):
 
         Raises:
             ValueError: ``wrap`` returned something that is not a gradsurgery wrapper around
-                the optimizer it was given, or one whose rows the sources do not match;
-                the Trainer is left without an optimizer.
+                the optimizer it was given, or one whose rows the sources do not match, a
+                surgery that is not outermost under fp16, or a distributed set-up (several
+                processes, DeepSpeed, FSDP); the Trainer is left without an optimizer.
         """
+        if self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "SurgeryTrainer runs in a single process without DeepSpeed or FSDP: the "
+                "wrappers' gradient rows are not reduced across processes"
+            )
         fresh = self.optimizer is None
         optimizer: Optimizer = super().create_optimizer(model)
         if fresh and self.wrap is not None:

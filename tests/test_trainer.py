@@ -7,6 +7,8 @@ from typing import Any
 import accelerate.utils.memory
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 from transformers import (
     BertConfig,
@@ -663,6 +665,17 @@ def test_batch_cycle_draws_by_position() -> None:
     assert BatchCycle("m", [0, 1, 2]).at(5) == 2  # a fresh cycle (a resumed run) agrees
     with pytest.raises(ValueError, match="source 'e' has no batch"):
         BatchCycle("e", []).at(0)
+
+
+@given(
+    count=st.integers(min_value=1, max_value=5),
+    positions=st.lists(st.integers(min_value=0, max_value=30), min_size=1, max_size=20),
+)
+def test_a_cycle_draws_the_batch_of_each_position_in_any_order(
+    count: int, positions: list[int]
+) -> None:
+    cycle = BatchCycle("m", list(range(count)))
+    assert [cycle.at(position) for position in positions] == [p % count for p in positions]
 
 
 def test_only_the_integration_module_imports_transformers_when_loaded() -> None:

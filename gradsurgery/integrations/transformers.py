@@ -165,8 +165,9 @@ class SurgeryTrainer(Trainer):
         """
         if self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
-                "SurgeryTrainer runs in a single process without DeepSpeed or FSDP: the "
-                "wrappers' gradient rows are not reduced across processes"
+                "SurgeryTrainer runs in a single process without DeepSpeed or FSDP (it does "
+                "not yet route the rows through distributed=Replicated()/Sharded()); for "
+                "several processes write the loop as in docs/distributed.md"
             )
         fresh = self.optimizer is None
         optimizer: Optimizer = super().create_optimizer(model)

@@ -319,11 +319,13 @@ def with_grad_scaler(trainer: SurgeryTrainer, scale: float = 2.0**12) -> torch.a
     return scaler
 
 
-@pytest.mark.parametrize("name", ["gem", "lfmlf"])
-def test_the_trainers_grad_scaler_unscales_every_row_once(name: str, tmp_path: Path) -> None:
-    plain = make_trainer(name, tmp_path / "plain", max_grad_norm=0.5)
+@pytest.mark.parametrize(("name", "clip"), [("gem", 0.5), ("lfmlf", 0.5), ("gem", 0.0)])
+def test_the_trainers_grad_scaler_unscales_every_row_once(
+    name: str, clip: float, tmp_path: Path
+) -> None:
+    plain = make_trainer(name, tmp_path / "plain", max_grad_norm=clip)
     plain.train()
-    scaled = make_trainer(name, tmp_path / "scaled", max_grad_norm=0.5)
+    scaled = make_trainer(name, tmp_path / "scaled", max_grad_norm=clip)
     scaler = with_grad_scaler(scaled)
     scaled.train()
     assert scaled.wrappers is not None and scaled.wrappers.surgery is not None

@@ -343,9 +343,8 @@ class SurgeryTrainer(Trainer):
         return norm
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Tensor | None = None) -> Any:
-        if grad_norm is None and self._unscaled_by_surgery():
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads)
+        if grad_norm is None and self._unscaled_by_surgery():  # the norm, nothing clipped
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
         return super()._get_grad_norm(model, grad_norm)  # type: ignore[no-untyped-call]
 
     # -- logging ---------------------------------------------------------------------------

@@ -143,7 +143,7 @@ SETUPS: dict[str, Any] = {
 
 
 def make_trainer(
-    name: str, out: Path, model: nn.Module | None = None, **overrides: Any
+    name: str, out: Path, model: nn.Module | None = None, eval_dataset: Any = None, **overrides: Any
 ) -> SurgeryTrainer:
     model = tiny_bert() if model is None else model
     if name.startswith("phased"):
@@ -160,6 +160,7 @@ def make_trainer(
         model=model,
         args=arguments(out, **overrides),
         train_dataset=examples(16, seed=0),
+        eval_dataset=eval_dataset,
         wrap=wrap,
         sources=sources,
         train_objective=objective,
@@ -650,6 +651,24 @@ def test_a_wrapper_given_through_optimizers_runs(tmp_path: Path) -> None:
     assert opt.last_stats is not None
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["learning_rate"] for entry in steps] == pytest.approx([0.1, 0.05, 0.025])
+
+
+def test_evaluation_during_training_leaves_the_steps_alone(tmp_path: Path) -> None:
+    plain = make_trainer("gem", tmp_path / "plain")
+    plain.train()
+    evaluated = make_trainer(
+        "gem",
+        tmp_path / "evaluated",
+        eval_dataset=examples(8, seed=3),
+        eval_strategy="steps",
+        eval_steps=1,
+    )
+    evaluated.train()
+    evaluations = [entry for entry in evaluated.state.log_history if "eval_loss" in entry]
+    assert len(evaluations) == 3
+    assert not any(key.startswith("gem/") for entry in evaluations for key in entry)
+    expected, got = parameters(plain.model), parameters(evaluated.model)
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
 
 
 def test_distributed_set_ups_are_refused(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """SurgeryTrainer: every wrapper inside transformers' Trainer.train(), on a tiny BERT."""
 
 import ast
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,49 +121,50 @@ def languages() -> dict[str, Any]:
     return {"de": (batches(3, seed=1), tagging_loss), "fr": (batches(3, seed=2), tagging_loss)}
 
 
-# (wrap, sources, train_objective, prefix of the logged statistics)
-SETUPS: dict[str, Any] = {
-    "gem": (lambda o: GEMProjector(o, constraints=["mlm", "xsr"]), memory, None, "gem/"),
+Wrap = Callable[[torch.optim.Optimizer], torch.optim.Optimizer]
+MEMORY = ["mlm", "xsr"]
+
+# name: (model -> wrap, sources, train_objective, prefixes of the logged statistics)
+SETUPS: dict[str, tuple[Callable[[nn.Module], Wrap], Callable[[], Any], str | None, list[str]]] = {
+    "gem": (lambda m: lambda o: GEMProjector(o, constraints=MEMORY), memory, None, ["gem/"]),
     "agem": (
-        lambda o: GEMProjector(o, constraints=["mlm", "xsr"], mode="agem"),
+        lambda m: lambda o: GEMProjector(o, constraints=MEMORY, mode="agem"),
         memory,
         None,
-        "gem/",
+        ["gem/"],
     ),
-    "lfmlf": (lambda o: ParetoLessForgetting(o, LANGS), languages, "en", "lfmlf/"),
-    "uniform": (lambda o: Uniform(o, LANGS), languages, "en", "uniform/"),
+    "lfmlf": (lambda m: lambda o: ParetoLessForgetting(o, LANGS), languages, "en", ["lfmlf/"]),
+    "uniform": (lambda m: lambda o: Uniform(o, LANGS), languages, "en", ["uniform/"]),
     "pcgrad": (
-        lambda o: PCGrad(o, LANGS, generator=torch.Generator().manual_seed(3)),
+        lambda m: lambda o: PCGrad(o, LANGS, generator=torch.Generator().manual_seed(3)),
         languages,
         "en",
-        "pcgrad/",
+        ["pcgrad/"],
     ),
-    "gradvac": (lambda o: GradVac(o, LANGS), languages, "en", "gradvac/"),
-    "mgda": (lambda o: MGDA(o, LANGS), languages, "en", "mgda/"),
+    "gradvac": (lambda m: lambda o: GradVac(o, LANGS), languages, "en", ["gradvac/"]),
+    "mgda": (lambda m: lambda o: MGDA(o, LANGS), languages, "en", ["mgda/"]),
+    "phased": (lambda m: lambda o: PhasedLR(o, m, window=1), dict, None, ["phased/"]),
+    "phased_gem": (
+        lambda m: lambda o: PhasedLR(GEMProjector(o, constraints=MEMORY), m, window=1),
+        memory,
+        None,
+        ["gem/", "phased/"],
+    ),
 }
 
 
 def make_trainer(
-    name: str, out: Path, model: nn.Module | None = None, eval_dataset: Any = None, **overrides: Any
+    name: str, out: Path, eval_dataset: Any = None, **overrides: Any
 ) -> SurgeryTrainer:
-    model = tiny_bert() if model is None else model
-    if name.startswith("phased"):
-        wrap: Any
-        if name == "phased":
-            wrap, sources, objective = (lambda o: PhasedLR(o, model, window=1), {}, None)
-        else:  # GEM under PhasedLR
-            wrap = lambda o: PhasedLR(GEMProjector(o, constraints=["mlm", "xsr"]), model, window=1)  # noqa: E731
-            sources, objective = memory(), None
-    else:
-        wrap, make_sources, objective, _ = SETUPS[name]
-        sources = make_sources()
+    make_wrap, make_sources, objective, _ = SETUPS[name]
+    model = tiny_bert()
     return SurgeryTrainer(
         model=model,
         args=arguments(out, **overrides),
         train_dataset=examples(16, seed=0),
         eval_dataset=eval_dataset,
-        wrap=wrap,
-        sources=sources,
+        wrap=make_wrap(model),
+        sources=make_sources(),
         train_objective=objective,
     )
 
@@ -171,7 +173,7 @@ def parameters(model: Any) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("name", [*SETUPS, "phased", "phased_gem"])
+@pytest.mark.parametrize("name", list(SETUPS))
 def test_each_wrapper_trains_and_logs_its_statistics(name: str, tmp_path: Path) -> None:
     trainer = make_trainer(name, tmp_path)
     before = parameters(trainer.model)
@@ -185,10 +187,7 @@ def test_each_wrapper_trains_and_logs_its_statistics(name: str, tmp_path: Path) 
     assert [entry["learning_rate"] for entry in steps] == pytest.approx([1e-3, 2e-3 / 3, 1e-3 / 3])
     assert trainer.optimizer is not None
     assert all(group["lr"] == 0.0 for group in trainer.optimizer.param_groups)
-    prefixes = {"phased": ["phased/"], "phased_gem": ["gem/", "phased/"]}.get(
-        name, [SETUPS.get(name, (None, None, None, ""))[3]]
-    )
-    for prefix in prefixes:
+    for prefix in SETUPS[name][3]:
         for entry in steps:
             assert any(key.startswith(prefix) for key in entry), (prefix, entry)
     stack = trainer.wrappers

@@ -1,33 +1,21 @@
 """SurgeryTrainer: every wrapper inside transformers' Trainer.train(), on a tiny BERT."""
 
-import ast
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import accelerate.utils.memory
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 from torch import nn
 from transformers import (
-    BertConfig,
     BertForMaskedLM,
     BertForTokenClassification,
     DataCollatorForLanguageModeling,
     DataCollatorForTokenClassification,
-    TrainingArguments,
 )
 
-import gradsurgery
 from gradsurgery import (
-    MGDA,
     GEMProjector,
-    GradVac,
     ParetoLessForgetting,
-    PCGrad,
-    PhasedLR,
     Uniform,
 )
 from gradsurgery.data import (
@@ -45,132 +33,20 @@ from gradsurgery.integrations.sources import BatchCycle
 from gradsurgery.integrations.transformers import SOURCES_NAME, SurgeryTrainer
 from gradsurgery.objectives import MaskedLM, SentenceRetrieval, share_encoder
 from tests.text_models import config, tokenizer
-
-VOCAB, LABELS, LENGTH = 40, 3, 6
-LANGS = ("en", "de", "fr")
-
-
-@pytest.fixture(autouse=True)
-def _no_full_collection(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Trainer.train() starts with accelerate's free_memory(), a full gc.collect() that takes
-    # about a second in a pytest process; there is no device cache to free on the CPU.
-    monkeypatch.setattr(accelerate.utils.memory, "clear_device_cache", lambda **_: None)
-
-
-def tiny_bert(seed: int = 0) -> BertForTokenClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=LENGTH,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    config.num_labels = LABELS
-    return BertForTokenClassification(config)
-
-
-def examples(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """Token-tagging examples whose label is a fixed function of the token (learnable)."""
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        ids = torch.randint(0, VOCAB, (LENGTH,), generator=generator)
-        out.append({"input_ids": ids, "labels": (ids * (seed + 1)) % LABELS})
-    return out
-
-
-def batches(count: int, seed: int, size: int = 4) -> list[dict[str, torch.Tensor]]:
-    data = examples(count * size, seed)
-    return [
-        {key: torch.stack([e[key] for e in data[i : i + size]]) for key in data[0]}
-        for i in range(0, len(data), size)
-    ]
-
-
-def tagging_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    loss: torch.Tensor = model(**batch).loss
-    return loss
-
-
-def arguments(out: Path, **overrides: Any) -> TrainingArguments:
-    settings: dict[str, Any] = {
-        "output_dir": str(out),
-        "max_steps": 3,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": [],
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "seed": 0,
-    }
-    settings.update(overrides)
-    return TrainingArguments(**settings)
-
-
-def memory() -> dict[str, Any]:
-    return {"mlm": (batches(3, seed=7), tagging_loss), "xsr": (batches(2, seed=8), tagging_loss)}
-
-
-def languages() -> dict[str, Any]:
-    return {"de": (batches(3, seed=1), tagging_loss), "fr": (batches(3, seed=2), tagging_loss)}
-
-
-Wrap = Callable[[torch.optim.Optimizer], torch.optim.Optimizer]
-MEMORY = ["mlm", "xsr"]
-
-# name: (model -> wrap, sources, train_objective, prefixes of the logged statistics)
-SETUPS: dict[str, tuple[Callable[[nn.Module], Wrap], Callable[[], Any], str | None, list[str]]] = {
-    "gem": (lambda m: lambda o: GEMProjector(o, constraints=MEMORY), memory, None, ["gem/"]),
-    "agem": (
-        lambda m: lambda o: GEMProjector(o, constraints=MEMORY, mode="agem"),
-        memory,
-        None,
-        ["gem/"],
-    ),
-    "lfmlf": (lambda m: lambda o: ParetoLessForgetting(o, LANGS), languages, "en", ["lfmlf/"]),
-    "uniform": (lambda m: lambda o: Uniform(o, LANGS), languages, "en", ["uniform/"]),
-    "pcgrad": (
-        lambda m: lambda o: PCGrad(o, LANGS, generator=torch.Generator().manual_seed(3)),
-        languages,
-        "en",
-        ["pcgrad/"],
-    ),
-    "gradvac": (lambda m: lambda o: GradVac(o, LANGS), languages, "en", ["gradvac/"]),
-    "mgda": (lambda m: lambda o: MGDA(o, LANGS), languages, "en", ["mgda/"]),
-    "phased": (lambda m: lambda o: PhasedLR(o, m, window=1), dict, None, ["phased/"]),
-    "phased_gem": (
-        lambda m: lambda o: PhasedLR(GEMProjector(o, constraints=MEMORY), m, window=1),
-        memory,
-        None,
-        ["gem/", "phased/"],
-    ),
-}
-
-
-def make_trainer(
-    name: str, out: Path, eval_dataset: Any = None, **overrides: Any
-) -> SurgeryTrainer:
-    make_wrap, make_sources, objective, _ = SETUPS[name]
-    model = tiny_bert()
-    return SurgeryTrainer(
-        model=model,
-        args=arguments(out, **overrides),
-        train_dataset=examples(16, seed=0),
-        eval_dataset=eval_dataset,
-        wrap=make_wrap(model),
-        sources=make_sources(),
-        train_objective=objective,
-    )
-
-
-def parameters(model: Any) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+from tests.trainer_setups import (  # noqa: F401 (no_full_collection: an autouse fixture)
+    LANGS,
+    SETUPS,
+    arguments,
+    batches,
+    examples,
+    make_trainer,
+    memory,
+    no_full_collection,
+    parameters,
+    tagging_loss,
+    tiny_bert,
+    with_grad_scaler,
+)
 
 
 @pytest.mark.parametrize("name", list(SETUPS))
@@ -312,13 +188,6 @@ def test_bf16_autocast_on_cpu_reaches_the_memory_losses(tmp_path: Path) -> None:
     assert any(not torch.equal(before[key], after[key]) for key in before)
 
 
-def with_grad_scaler(trainer: SurgeryTrainer, scale: float = 2.0**12) -> torch.amp.GradScaler:
-    """Give the Trainer the GradScaler that fp16 on a GPU gives it (here on the CPU)."""
-    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
-    trainer.accelerator.scaler = scaler
-    return scaler
-
-
 @pytest.mark.parametrize(("name", "clip"), [("gem", 0.5), ("lfmlf", 0.5), ("gem", 0.0)])
 def test_the_trainers_grad_scaler_unscales_every_row_once(
     name: str, clip: float, tmp_path: Path
@@ -360,25 +229,6 @@ def test_a_step_whose_memory_gradient_overflows_is_skipped(tmp_path: Path) -> No
     assert scaler.get_scale() == 2.0**11
     after = parameters(model)
     assert all(torch.equal(before[key], after[key]) for key in before)
-
-
-def test_under_a_grad_scaler_the_surgery_must_be_outermost(tmp_path: Path) -> None:
-    inside = make_trainer("phased_gem", tmp_path)
-    with_grad_scaler(inside)
-    with pytest.raises(ValueError, match="must be the outermost wrapper"):
-        inside.create_optimizer()
-    assert inside.optimizer is None
-    model = tiny_bert()
-    outside = SurgeryTrainer(
-        model=model,
-        args=arguments(tmp_path),
-        wrap=lambda o: GEMProjector(PhasedLR(o, model, window=1)),
-        sources={"0": (batches(1, seed=7), tagging_loss)},
-    )
-    scaler = with_grad_scaler(outside)
-    outside.create_optimizer()
-    assert outside.wrappers is not None and outside.wrappers.surgery is not None
-    assert outside.wrappers.surgery.grad_scaler is scaler
 
 
 @pytest.mark.parametrize("name", ["gem", "lfmlf", "gradvac", "pcgrad", "phased_gem"])
@@ -526,115 +376,6 @@ def test_gem_with_the_papers_memory_objectives_on_real_formats(tmp_path: Path) -
         assert entry["gem/dot_after/xsr"] >= -1e-6
 
 
-def plain_adamw(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-
-BAD_INIT: dict[str, tuple[dict[str, Any], str]] = {
-    "no optimizer": ({}, "either wrap="),
-    "both": (
-        {"wrap": lambda o: o, "optimizers": ("model", None)},
-        "not both",
-    ),
-    "plain optimizer given": ({"optimizers": ("model", None)}, "not a gradsurgery wrapper"),
-    "wrap not callable": ({"wrap": 3}, "wrap must be callable"),
-    "batches not iterable": (
-        {"wrap": lambda o: o, "sources": {"mlm": (3, tagging_loss)}},
-        "must be iterable",
-    ),
-    "loss not callable": ({"wrap": lambda o: o, "sources": {"mlm": ([1], 2)}}, "callable"),
-    "not a pair": ({"wrap": lambda o: o, "sources": {"mlm": [1]}}, r"\(batches, loss\) pair"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_INIT))
-def test_bad_construction_is_refused(case: str, tmp_path: Path) -> None:
-    settings, message = BAD_INIT[case]
-    model = tiny_bert()
-    if settings.get("optimizers", (None,))[0] == "model":
-        settings = {**settings, "optimizers": (plain_adamw(model), None)}
-    with pytest.raises(ValueError, match=message):
-        SurgeryTrainer(model=model, args=arguments(tmp_path), **settings)
-
-
-BAD_TRAIN: dict[str, tuple[Any, dict[str, Any], dict[str, Any], str]] = {
-    "wrap returns a plain optimizer": (lambda o: o, {}, {}, "gradsurgery wrapper around"),
-    "missing constraint": (
-        lambda o: GEMProjector(o, constraints=["mlm", "xsr"]),
-        {"mlm": (batches(1, 7), tagging_loss)},
-        {},
-        r"needs one for each of the constraints \['mlm', 'xsr'\]",
-    ),
-    "unknown source": (
-        lambda o: GEMProjector(o, constraints=["mlm"]),
-        {"mlm": (batches(1, 7), tagging_loss), "nlm": (batches(1, 7), tagging_loss)},
-        {},
-        "no other",
-    ),
-    "multi-objective without train_objective": (
-        lambda o: Uniform(o, LANGS),
-        {},
-        {},
-        "needs train_objective",
-    ),
-    "train_objective for GEM": (
-        lambda o: GEMProjector(o, constraints=["mlm"]),
-        {"mlm": (batches(1, 7), tagging_loss)},
-        {"train_objective": "en"},
-        "applies to multi-objective wrappers",
-    ),
-    "both train_objective and compute_objectives": (
-        lambda o: Uniform(o, LANGS),
-        {},
-        {"train_objective": "en", "compute_objectives": lambda m, b: {}},
-        "not both",
-    ),
-    "wrapper with its own GradScaler": (
-        lambda o: GEMProjector(o, grad_scaler=torch.amp.GradScaler("cpu")),
-        {"0": (batches(1, 7), tagging_loss)},
-        {},
-        "leave it unset",
-    ),
-    "memory loss not a scalar": (
-        lambda o: GEMProjector(o, constraints=["mlm"]),
-        {"mlm": (batches(1, 7), lambda m, b: m(**b).logits)},
-        {},
-        r"source 'mlm' must be a 0-d tensor, got \(4, 6, 3\)",
-    ),
-    "iterator that runs out": (
-        lambda o: GEMProjector(o, constraints=["mlm"]),
-        {"mlm": (iter([]), tagging_loss)},
-        {},
-        "the iterator of source 'mlm' ran out at draw 0",
-    ),
-    "compute_objectives misses an objective": (
-        lambda o: Uniform(o, LANGS),
-        {"fr": (batches(1, 2), tagging_loss)},
-        {"compute_objectives": lambda m, b: {"en": tagging_loss(m, b)}},
-        r"for the objectives \['en', 'de'\]",
-    ),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_TRAIN))
-def test_bad_configuration_is_refused_before_any_step(case: str, tmp_path: Path) -> None:
-    wrap, sources, extra, message = BAD_TRAIN[case]
-    model = tiny_bert()
-    before = parameters(model)
-    trainer = SurgeryTrainer(
-        model=model,
-        args=arguments(tmp_path),
-        train_dataset=examples(8, seed=0),
-        wrap=wrap,
-        sources=sources,
-        **extra,
-    )
-    with pytest.raises(ValueError, match=message):
-        trainer.train()
-    after = parameters(model)
-    assert all(torch.equal(before[key], after[key]) for key in before)
-
-
 def test_a_wrapper_given_through_optimizers_runs(tmp_path: Path) -> None:
     model = tiny_bert()
     opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), constraints=["mlm"])
@@ -668,59 +409,3 @@ def test_evaluation_during_training_leaves_the_steps_alone(tmp_path: Path) -> No
     assert not any(key.startswith("gem/") for entry in evaluations for key in entry)
     expected, got = parameters(plain.model), parameters(evaluated.model)
     assert all(torch.equal(got[key], expected[key]) for key in expected)
-
-
-def test_distributed_set_ups_are_refused(tmp_path: Path) -> None:
-    trainer = make_trainer("gem", tmp_path)
-    trainer.is_fsdp_enabled = True
-    with pytest.raises(ValueError, match="single process without DeepSpeed or FSDP"):
-        trainer.create_optimizer()
-    assert trainer.optimizer is None
-
-
-def test_batch_cycle_draws_by_position() -> None:
-    cycle = BatchCycle("m", [0, 1, 2])
-    assert [cycle.at(i) for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
-    assert cycle.at(4) == 1  # backward: starts the stream again
-    assert BatchCycle("m", [0, 1, 2]).at(5) == 2  # a fresh cycle (a resumed run) agrees
-    with pytest.raises(ValueError, match="source 'e' has no batch"):
-        BatchCycle("e", []).at(0)
-
-
-@given(
-    count=st.integers(min_value=1, max_value=5),
-    positions=st.lists(st.integers(min_value=0, max_value=30), min_size=1, max_size=20),
-)
-def test_a_cycle_draws_the_batch_of_each_position_in_any_order(
-    count: int, positions: list[int]
-) -> None:
-    cycle = BatchCycle("m", list(range(count)))
-    assert [cycle.at(position) for position in positions] == [p % count for p in positions]
-
-
-def test_only_the_integration_module_imports_transformers_when_loaded() -> None:
-    """``import gradsurgery`` (and any module but the integration) works without it."""
-
-    def loaded_imports(body: list[ast.stmt]) -> list[str]:
-        names = []
-        for node in body:
-            if isinstance(node, ast.Import):
-                names += [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module is not None:
-                names.append(node.module)
-            elif isinstance(node, ast.If) and ast.unparse(node.test) != "TYPE_CHECKING":
-                names += loaded_imports(node.body) + loaded_imports(node.orelse)
-            elif isinstance(node, ast.Try):
-                names += loaded_imports(node.body)
-        return names
-
-    package = Path(gradsurgery.__file__).parent
-    importers = {
-        path.relative_to(package).as_posix()
-        for path in package.rglob("*.py")
-        if any(
-            name.split(".")[0] in ("transformers", "accelerate")
-            for name in loaded_imports(ast.parse(path.read_text()).body)
-        )
-    }
-    assert importers == {"integrations/transformers.py"}

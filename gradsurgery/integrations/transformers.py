@@ -78,8 +78,9 @@ class SurgeryTrainer(Trainer):
     micro-batches in the step, as the Trainer divides the task loss, and its backward pass
     goes to the source's row. An iterable is cycled by position: micro-batch ``i`` of
     optimizer step ``s`` uses batch ``s · gradient_accumulation_steps + i``; an iterator
-    is drawn with ``next()`` and, if it has ``state_dict``, saved with checkpoints. Either
-    way a resumed run draws the batches the uninterrupted run drew.
+    is drawn with ``next()`` and, if it has ``state_dict``, saved with checkpoints. A
+    resumed run then draws the batches the uninterrupted run drew (an iterator without
+    ``state_dict`` starts where it is).
 
     **Each step**, after its last micro-batch, ``PhasedLR`` observes the step's training
     loss (the Trainer's loss, summed over the micro-batches) and the surgery rewrites
@@ -91,8 +92,9 @@ class SurgeryTrainer(Trainer):
     (``last_stats.to_dict()`` of each wrapper: ``gem/...``, ``lfmlf/...``, ``phased/...``)
     are logged with it, like ``grad_norm``; ``logging_steps=1`` logs every step's.
 
-    **Checkpoints** hold the wrapper's state in ``optimizer.pt`` (its ``state_dict``), so
-    ``train(resume_from_checkpoint=...)`` restores it.
+    **Checkpoints** hold the wrapper's state in ``optimizer.pt`` (its ``state_dict``) and
+    the iterator sources' states in :data:`SOURCES_NAME`, so
+    ``train(resume_from_checkpoint=...)`` restores them.
 
     Args:
         *args: ``Trainer``'s arguments.

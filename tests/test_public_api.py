@@ -125,6 +125,8 @@ PUBLIC = {
     "gradsurgery.phases": ["Phase", "PhaseDetector"],
     "gradsurgery.similarity": ["CKAMonitor", "linear_cka"],
     "gradsurgery.flat": ["GradientBank"],
+    "gradsurgery.segments": ["Segments", "segment_gram", "combine_segments_"],
+    "gradsurgery.integrations.transformers": ["SurgeryTrainer"],
     "gradsurgery.wrappers": [
         "GEMProjector",
         "GEMStats",

@@ -4,3 +4,5 @@
 ``from gradsurgery.integrations.transformers import SurgeryTrainer`` (needs
 ``pip install gradsurgery[transformers]``).
 """
+
+__all__: list[str] = []

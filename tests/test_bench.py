@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradsurgery.bench import main
+from gradsurgery.bench import main, timing
 from gradsurgery.bench.workload import PRESETS, bert_like_params, parse_size
 
 TINY = ["--device", "cpu", "--params", "2e4", "--repeat", "2", "--warmup", "0", "--quiet"]
@@ -86,3 +86,11 @@ def test_sizes_and_parameters():
         assert sum(q.numel() for _, q in named) == p
     with pytest.raises(SystemExit):
         main(["--params", "0", "--quiet"])
+
+
+def test_clock_choices_are_checked():
+    with pytest.raises(ValueError, match="clock must be one of"):
+        timing.use_clock("sundial")
+    if torch.get_num_threads() > 1:
+        with pytest.raises(ValueError, match="one torch thread"):
+            timing.use_clock("thread")

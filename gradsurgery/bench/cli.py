@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 import gradsurgery
-from gradsurgery.bench import report
+from gradsurgery.bench import report, timing
 from gradsurgery.bench.methods import METHODS
 from gradsurgery.bench.runner import Settings, memory_limit, run_config
 from gradsurgery.bench.workload import DTYPES, PRESETS, parse_size
@@ -123,6 +123,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-bytes", type=float, default=None, help="skip what needs more (default: 3/4 free)"
     )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "thread"],
+        default="wall",
+        help="CPU timing: wall clock, or the thread's CPU time (needs --threads 1; for a "
+        "shared machine)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--render", nargs="+", type=Path, default=None, metavar="JSON")
     parser.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md, OUT.png")
@@ -159,6 +166,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        try:
+            timing.use_clock(args.clock)
+        except ValueError as error:
+            parser.error(str(error))
     validate = args.validate == "on" or (args.validate == "auto" and device.type == "cpu")
     settings = Settings(
         device=device,

@@ -29,7 +29,7 @@ def _machines(doc: dict[str, Any]) -> list[str]:
         lines.append(
             f"- run {i}: {m['device_name']} ({m['device']}), {m['date']}, torch {m['torch']}, "
             f"gradsurgery {m['gradsurgery']}; {s['repeat']} samples after {s['warmup']} "
-            f"warm-ups, validate={s['validate']}"
+            f"warm-ups, validate={s['validate']}, clock={s.get('clock', 'wall')}"
         )
     return lines
 

@@ -1,6 +1,7 @@
 """Timing, memory and host-synchronisation measurements of one callable on one device.
 
-CPU times are wall-clock (``time.perf_counter``); CUDA times are measured with CUDA
+CPU times are wall-clock (``time.perf_counter``) or, with :func:`use_clock`, the calling
+thread's CPU time; CUDA times are measured with CUDA
 events recorded around the call, after warm-up runs, so they count device time and no
 launch latency of the host beyond what the call itself waits for.
 """
@@ -20,15 +21,38 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import gradsurgery.sync
 
 __all__ = [
+    "CLOCKS",
     "count_host_syncs",
     "interleaved",
     "measure",
     "samples",
     "summary",
     "transient_bytes",
+    "use_clock",
 ]
 
 Step = Callable[[], Any]
+
+
+CLOCKS = ("wall", "thread")
+_clock = {"now": time.perf_counter}
+
+
+def use_clock(name: str) -> None:
+    """Time CPU calls by the wall clock (``"wall"``) or by this thread's CPU time.
+
+    ``"thread"`` (``time.thread_time``) leaves out the time the thread waits for a core,
+    which on a shared machine can be most of the wall time; it is only meaningful with one
+    torch thread (the work of other threads is not counted).
+
+    Raises:
+        ValueError: an unknown clock, or ``"thread"`` with more than one torch thread.
+    """
+    if name not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {name!r}")
+    if name == "thread" and torch.get_num_threads() != 1:
+        raise ValueError("the thread clock needs one torch thread (--threads 1)")
+    _clock["now"] = time.thread_time if name == "thread" else time.perf_counter
 
 
 def measure(fn: Step, device: torch.device) -> float:
@@ -41,9 +65,10 @@ def measure(fn: Step, device: torch.device) -> float:
         end.record()
         torch.cuda.synchronize(device)
         return float(start.elapsed_time(end)) / 1e3
-    begin = time.perf_counter()
+    now = _clock["now"]
+    begin = now()
     fn()
-    return time.perf_counter() - begin
+    return now() - begin
 
 
 def samples(

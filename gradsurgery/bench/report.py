@@ -128,8 +128,12 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
     panels = {key: lines for key, lines in panels.items() if lines}
     if not panels:
         return "nothing to plot"
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
-    for ax, ((dtype, t), lines) in zip(axes[0], sorted(panels.items()), strict=True):
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, ((dtype, t), lines) in zip(axes.flat, sorted(panels.items()), strict=False):
         floors = {k: v for k, v in lines.items() if k.startswith("floor")}
         floor = max(floors.items(), key=lambda item: max(s for _, s in item[1]))[1]
         for name, points in sorted(lines.items()):

@@ -1,4 +1,4 @@
-"""The multi-objective benchmarks run, and their re-implemented peers agree with the library."""
+"""The benchmark's re-implemented peers agree with the library; the QP study runs."""
 
 import json
 import subprocess
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.libmtl_style import mgda_frank_wolfe, pcgrad_loop
-from bench.multi_step import objective_gradients
+from gradsurgery.bench.libmtl import mgda_frank_wolfe, pcgrad_loop
+from gradsurgery.bench.workload import objective_rows
 from gradsurgery.functional import mgda_weights, pcgrad_weights
 from gradsurgery.functional.pcgrad import conflict_orders
 
@@ -26,33 +26,6 @@ def run_module(module: str, *args: str) -> None:
     )
 
 
-def test_multi_step_runs_and_records_every_method(tmp_path: Path):
-    out = tmp_path / "multi"
-    run_module(
-        "bench.multi_step",
-        "--params",
-        "3e4",
-        "--objectives",
-        "3",
-        "--repeat",
-        "1",
-        "--out",
-        str(out),
-    )
-    (result,) = json.loads(out.with_suffix(".json").read_text())["results"]
-    assert set(result["wrappers"]) == {
-        "Uniform",
-        "PCGrad",
-        "GradVac",
-        "GradVac/param",
-        "MGDA",
-        "LF-MLF",
-    }
-    for peer in ("LibMTL PCGrad", "S&K MGDA", "TorchJD PCGrad"):
-        assert result["peers"][peer]["relative_difference"] < 1e-4
-    assert "| 3e+04 | 3 |" in out.with_suffix(".md").read_text()
-
-
 def test_lfmlf_qp_runs(tmp_path: Path):
     out = tmp_path / "qp"
     run_module("bench.lfmlf_qp", "--objectives", "2", "3", "--count", "3", "--out", str(out))
@@ -61,7 +34,8 @@ def test_lfmlf_qp_runs(tmp_path: Path):
 
 
 def test_libmtl_style_pcgrad_is_pcgrad_with_the_same_orders():
-    grads = objective_gradients(4, 1000, torch.device("cpu")).double()
+    grads = torch.empty(4, 1000, dtype=torch.float64)
+    objective_rows(grads)
     orders = conflict_orders(4, torch.Generator().manual_seed(3))
     out = torch.empty(1000, dtype=torch.float64)
     pcgrad_loop(grads, orders, out)
@@ -70,7 +44,8 @@ def test_libmtl_style_pcgrad_is_pcgrad_with_the_same_orders():
 
 
 def test_sener_koltun_frank_wolfe_approaches_the_min_norm_point():
-    grads = objective_gradients(5, 1000, torch.device("cpu")).double()
+    grads = torch.empty(5, 1000, dtype=torch.float64)
+    objective_rows(grads)
     out = torch.empty(1000, dtype=torch.float64)
     iterations = mgda_frank_wolfe(grads, out)
     exact = grads.T @ mgda_weights(grads)

@@ -1,4 +1,4 @@
-"""PCGrad and MGDA as the widely used public implementations do them, for comparison.
+"""PCGrad and MGDA as the widely used public implementations do them (benchmark peers).
 
 Re-implemented here on a ``(T, p)`` matrix of stacked gradients, keeping the structure that
 sets their cost (host reads, passes over the gradients, temporaries); what happens before
@@ -20,9 +20,13 @@ parameter by parameter) is left out, so the comparison is conservative.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
+
+__all__ = ["mgda_frank_wolfe", "min_norm_frank_wolfe", "pcgrad_loop"]
 
 MAX_ITER = 250
 STOP_CRIT = 1e-5
@@ -57,7 +61,7 @@ def _min_norm_element_from2(v1v1: float, v1v2: float, v2v2: float) -> tuple[floa
     return gamma, v2v2 + gamma * (v1v2 - v2v2)
 
 
-def _min_norm_2d(gram: np.ndarray) -> tuple[tuple[int, int], float]:
+def _min_norm_2d(gram: np.ndarray[Any, Any]) -> tuple[tuple[int, int], float]:
     dmin, best = 1e8, None
     for i in range(len(gram)):
         for j in range(i + 1, len(gram)):
@@ -69,7 +73,7 @@ def _min_norm_2d(gram: np.ndarray) -> tuple[tuple[int, int], float]:
     return best
 
 
-def min_norm_frank_wolfe(gram: np.ndarray) -> tuple[np.ndarray, int]:
+def min_norm_frank_wolfe(gram: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], int]:
     """Sener & Koltun's Frank–Wolfe min-norm weights from a Gram matrix; and its iterations."""
     n = len(gram)
     (i, j), gamma = _min_norm_2d(gram)

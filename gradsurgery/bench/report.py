@@ -1,0 +1,163 @@
+"""The benchmark's outputs: Markdown tables (also printed), a plot, and JSON merging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["markdown", "merge", "plot"]
+
+
+def _ms(seconds: float) -> str:
+    ms = 1e3 * seconds
+    return f"{ms:.1f} ms" if ms >= 100 else f"{ms:.2f} ms" if ms >= 1 else f"{ms:.3f} ms"
+
+
+def _spread(entry: dict[str, Any]) -> str:
+    median = entry["median_s"]
+    return f"±{50 * (entry['q3_s'] - entry['q1_s']) / median:.0f} %" if median > 0 else "—"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f}" if n >= 2**20 else f"{n / 2**20:.2f}"
+
+
+def _machines(doc: dict[str, Any]) -> list[str]:
+    lines = []
+    for i, run in enumerate(doc["runs"]):
+        m, s = run["machine"], run["settings"]
+        lines.append(
+            f"- run {i}: {m['device_name']} ({m['device']}), {m['date']}, torch {m['torch']}, "
+            f"gradsurgery {m['gradsurgery']}; {s['repeat']} samples after {s['warmup']} "
+            f"warm-ups, validate={s['validate']}, clock={s.get('clock', 'wall')}"
+        )
+    return lines
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """Tables of every configuration: the library's surgeries, PhasedLR, and the peers."""
+    results = doc["results"]
+    lines = [
+        *_machines(doc),
+        "",
+        "Surgery per step: median (interquartile spread), its ratio to the floor, and the "
+        "same work in parts; host syncs per step with validate=False; extra memory kept / "
+        "largest transient allocation, MiB",
+        "",
+        "| size | dtype | t | method | surgery | spread | × floor | GB/s | Gram | solve | apply "
+        "| syncs | extra / transient |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    phased_lines = []
+    for r in results:
+        for method, e in r["methods"].items():
+            head = f"| {r['size']} | {r['dtype']} | {r['t']} | {method} |"
+            if "skipped" in e:
+                if r["t"] > 1 or method in ("gem", "agem"):  # T = 1 is no multi-objective case
+                    lines.append(f"{head} skipped: {e['skipped']} |" + " |" * 8)
+            elif method == "phased":
+                phased_lines.append(
+                    f"| {r['size']} | {r['dtype']} | {_ms(e['total']['median_s'])} | "
+                    f"{_ms(e['inner_step']['median_s'])} | {_ms(e['bookkeeping_s'])} | "
+                    f"{e['host_syncs']} |"
+                )
+            else:
+                lines.append(
+                    f"{head} {_ms(e['total']['median_s'])} | {_spread(e['total'])} | "
+                    f"{e['ratio_to_floor']:.2f}× | {e['copy_bandwidth_GBps']:.1f} | "
+                    + " | ".join(_ms(e[part]["median_s"]) for part in ("gram", "solve", "apply"))
+                    + f" | {e['host_syncs']} | {_mib(e['extra_memory_bytes'])} / "
+                    f"{_mib(e['transient_bytes'])} |"
+                )
+    if phased_lines:
+        lines += [
+            "",
+            "PhasedLR: its step, the inner SGD step alone, the difference (bookkeeping)",
+            "",
+            "| size | dtype | PhasedLR step | inner step | bookkeeping | syncs |",
+            "|---|---|---:|---:|---:|---:|",
+            *phased_lines,
+        ]
+    peer_lines = []
+    for r in results:
+        for name, e in r.get("peers", {}).items():
+            head = f"| {r['size']} | {r['dtype']} | {r['t']} | {name} |"
+            if "skipped" in e:
+                peer_lines.append(f"{head} skipped: {e['skipped']} | | |")
+                continue
+            ours = r["methods"][e["of"]]["total"]["median_s"]
+            peer_lines.append(
+                f"{head} {_ms(e['total']['median_s'])} | "
+                f"{e['total']['median_s'] / ours:.1f}× | {e['relative_difference']:.0e} |"
+            )
+    if peer_lines:
+        lines += [
+            "",
+            "Peers on the same rows: time, how many times gradsurgery's surgery time, "
+            "relative difference of the direction from gradsurgery's",
+            "",
+            "| size | dtype | t | peer | time | × gradsurgery | difference |",
+            "|---|---|---:|---|---:|---:|---:|",
+            *peer_lines,
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict[str, Any], path: Path) -> str | None:
+    """Cost against parameter count, one panel per (dtype, t), one line per method.
+
+    Returns why no plot was written (matplotlib missing, fewer than one size), else None.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'gradsurgery[bench]'): no plot"
+    panels: dict[tuple[str, int], dict[str, list[tuple[int, float]]]] = {}
+    for r in doc["results"]:
+        lines = panels.setdefault((r["dtype"], r["t"]), {})
+        for method, e in r["methods"].items():
+            if "ratio_to_floor" in e:
+                lines.setdefault(method, []).append((r["p"], e["total"]["median_s"]))
+                lines.setdefault(f"floor ({method})", []).append((r["p"], e["floor_s"]))
+        for name, e in r.get("peers", {}).items():
+            if "total" in e:
+                lines.setdefault(name, []).append((r["p"], e["total"]["median_s"]))
+    panels = {key: lines for key, lines in panels.items() if lines}
+    if not panels:
+        return "nothing to plot"
+    columns = min(4, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, ((dtype, t), lines) in zip(axes.flat, sorted(panels.items()), strict=False):
+        floors = {k: v for k, v in lines.items() if k.startswith("floor")}
+        floor = max(floors.items(), key=lambda item: max(s for _, s in item[1]))[1]
+        for name, points in sorted(lines.items()):
+            if name.startswith("floor"):
+                continue
+            xs, ys = zip(*sorted(points), strict=True)
+            style = "--" if " " in name else "-"
+            ax.plot(xs, ys, style, marker="o", label=name)
+        xs, ys = zip(*sorted(floor), strict=True)
+        ax.plot(xs, ys, ":", color="black", linewidth=2, label="floor (largest)")
+        ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="seconds per step")
+        ax.set_title(f"{dtype}, t = {t}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One document from several runs' JSON (their runs listed, results re-indexed)."""
+    merged: dict[str, Any] = {"schema": 1, "runs": [], "results": []}
+    for doc in docs:
+        offset = len(merged["runs"])
+        merged["runs"] += doc["runs"]
+        merged["results"] += [{**r, "run": r["run"] + offset} for r in doc["results"]]
+    return merged

@@ -1,0 +1,96 @@
+"""``python -m gradsurgery.bench`` runs end to end on the CPU and records what it promises."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradsurgery.bench import main, timing
+from gradsurgery.bench.workload import PRESETS, bert_like_params, parse_size
+
+TINY = ["--device", "cpu", "--params", "2e4", "--repeat", "2", "--warmup", "0", "--quiet"]
+PARTS = ("total", "gram", "solve", "apply")
+
+
+def check_times(entry):
+    assert entry["median_s"] >= 0 and entry["min_s"] >= 0
+    assert entry["min_s"] <= entry["q1_s"] <= entry["median_s"] <= entry["q3_s"] <= entry["max_s"]
+    assert len(entry["samples"]) == 2
+
+
+def test_end_to_end_schema_times_syncs_and_peers(tmp_path: Path):
+    out = tmp_path / "run"
+    args = [*TINY, "--t", "1", "2", "--methods", "gem", "agem", "pcgrad", "mgda", "lfmlf"]
+    doc = main([*args, "phased", "--out", str(out)])
+    assert json.loads(out.with_suffix(".json").read_text()) == doc
+    assert out.with_suffix(".png").stat().st_size > 0
+    (run,) = doc["runs"]
+    assert {"device", "device_name", "date", "torch", "gradsurgery", "peers"} <= set(run["machine"])
+    assert [(r["p"], r["dtype"], r["t"]) for r in doc["results"]] == [
+        (20000, "fp32", 1),
+        (20000, "fp32", 2),
+    ]
+    one, two = doc["results"]
+    assert one["methods"]["pcgrad"] == {"skipped": "combines T ≥ 2 objectives"}
+    assert "phased" in one["methods"] and "phased" not in two["methods"]  # once per size
+    for method in ("gem", "agem", "pcgrad", "mgda", "lfmlf"):
+        entry = two["methods"][method]
+        for part in PARTS:
+            check_times(entry[part])
+        assert entry["floor_s"] > 0 and entry["ratio_to_floor"] > 0
+        assert entry["extra_memory_bytes"] >= 2 * 20000 * 4
+    for method in ("gem", "agem", "pcgrad", "mgda"):
+        assert two["methods"][method]["host_syncs"] == 0, method
+    assert two["methods"]["lfmlf"]["host_syncs"] > 0  # its QP is solved on the host
+    check_times(one["methods"]["phased"]["inner_step"])
+    exact = ("published GEM", "LibMTL PCGrad", "TorchJD PCGrad", "S&K MGDA")
+    for name in exact:
+        assert two["peers"][name]["relative_difference"] < 1e-4, name
+    assert two["peers"]["TorchJD DualProj"]["relative_difference"] < 1e-2
+    table = out.with_suffix(".md").read_text()
+    assert "| 2e4 | fp32 | 2 | gem |" in table and "| 2e4 | fp32 | 2 | published GEM |" in table
+
+
+def test_absent_peers_are_skipped_with_a_message(tmp_path: Path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchjd", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "quadprog", None)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    doc = main([*TINY, "--t", "2", "--methods", "gem", "mgda", "--dtype", "bf16"])
+    (result,) = doc["results"]
+    for name in ("published GEM", "TorchJD DualProj", "TorchJD MGDA"):
+        assert "not installed" in result["peers"][name]["skipped"]
+        assert "pip install" in result["peers"][name]["skipped"]
+    check_times(result["peers"]["S&K MGDA"]["total"])
+    check_times(result["methods"]["gem"]["total"])
+
+
+def test_render_merges_runs(tmp_path: Path):
+    doc = main([*TINY, "--t", "2", "--methods", "uniform", "--no-peers"])
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(doc))
+    merged = main(["--render", str(path), str(path)])
+    assert len(merged["runs"]) == 2
+    assert [r["run"] for r in merged["results"]] == [0, 1]
+    assert merged["results"][1]["methods"] == doc["results"][0]["methods"]
+
+
+def test_sizes_and_parameters():
+    assert parse_size("mbert") == ("mbert", PRESETS["mbert"])
+    assert parse_size("1e8") == ("1e8", 100_000_000)
+    with pytest.raises(ValueError, match="positive number"):
+        parse_size("bert-huge")
+    for p in (1, 777, 20_000, 3_000_000):
+        named = bert_like_params(p, torch.device("cpu"), torch.float32)
+        assert sum(q.numel() for _, q in named) == p
+    with pytest.raises(SystemExit):
+        main(["--params", "0", "--quiet"])
+
+
+def test_clock_choices_are_checked():
+    with pytest.raises(ValueError, match="clock must be one of"):
+        timing.use_clock("sundial")
+    if torch.get_num_threads() > 1:
+        with pytest.raises(ValueError, match="one torch thread"):
+            timing.use_clock("thread")

@@ -30,6 +30,8 @@ from gradsurgery.bench.methods import METHODS
 from gradsurgery.bench.runner import Settings, memory_limit, run_config
 from gradsurgery.bench.workload import DTYPES, PRESETS, parse_size
 
+__all__ = ["machine_info", "main"]
+
 DEFAULT_METHODS = ["gem", "agem", "lfmlf", "pcgrad", "gradvac", "mgda", "phased"]
 
 

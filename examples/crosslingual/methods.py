@@ -10,6 +10,8 @@ objectives computed each step on fresh memory batches:
 ``mtf-mlm``        multi-task: task loss + MLM loss on memory text
 ``gem-mlm``        ``GEMProjector``: the task gradient projected so the MLM loss does not
                    increase to first order
+``gem-mlm-exact`` the same with the exact projection (margin 0; the other GEM rows use
+                   the original GEM code's margin 0.5, ``--margin``)
 ``gem-xsr``        the same with the sentence-retrieval (XSR) loss on translation pairs
 ``gem-both``       both constraints
 ``agem-both``      A-GEM: one constraint, the mean of the MLM and XSR gradients (with a
@@ -26,6 +28,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from transformers import (
@@ -52,6 +55,7 @@ METHODS = (
     "frozen",
     "mtf-mlm",
     "gem-mlm",
+    "gem-mlm-exact",
     "gem-xsr",
     "gem-both",
     "agem-both",
@@ -67,10 +71,12 @@ MULTI_SOURCE = ("uniform-2src", "lfmlf-2src")
 class Hyper:
     """Fine-tuning settings shared by every method."""
 
-    steps: int = 150
+    steps: int = 100
     batch: int = 16
     memory_batch: int = 16
     lr: float = 5e-4
+    optimizer: str = "adamw"
+    margin: float = 0.5
     alpha: float = 0.01
     phase_window: int = 15
 
@@ -86,12 +92,18 @@ class Models:
 
 @dataclass
 class Trace:
-    """What happened during fine-tuning (GEM rows: per step, the constraints' ⟨g, g_k⟩)."""
+    """What happened during fine-tuning.
+
+    ``memory_deltas``: per step, the change of the MLM loss on that step's memory batch
+    (the batch GEM's constraint is computed on), from before the step to after it.
+    ``dots_after``: GEM rows, per step, ``⟨x, g_k⟩`` for each constraint.
+    """
 
     sources: list[str] = field(default_factory=list)
     seconds: float = 0.0
     projected: int = 0
     dots_after: list[list[float]] = field(default_factory=list)
+    memory_deltas: list[float] = field(default_factory=list)
 
 
 def _optimizer(method: str, models: Models, hyper: Hyper) -> torch.optim.Optimizer:
@@ -103,10 +115,16 @@ def _optimizer(method: str, models: Models, hyper: Hyper) -> torch.optim.Optimiz
             if name.startswith("embeddings.") or (layer and int(layer[1]) < bottom):
                 param.requires_grad_(False)
     params = [p for p in task.parameters() if p.requires_grad]
-    inner = torch.optim.AdamW(params, lr=hyper.lr, weight_decay=0.01)
-    if method in ("gem-mlm", "gem-xsr", "gem-both", "agem-both"):
-        names = {"gem-mlm": ["mlm"], "gem-xsr": ["xsr"]}.get(method, ["mlm", "xsr"])
-        return GEMProjector(inner, constraints=names, mode="agem" if "agem" in method else "gem")
+    inner: torch.optim.Optimizer
+    if hyper.optimizer == "sgd":
+        inner = torch.optim.SGD(params, lr=hyper.lr)
+    else:
+        inner = torch.optim.AdamW(params, lr=hyper.lr, weight_decay=0.01)
+    if "gem" in method:
+        names = {"gem-xsr": ["xsr"], "gem-both": ["mlm", "xsr"], "agem-both": ["mlm", "xsr"]}
+        mode: Literal["gem", "agem"] = "agem" if "agem" in method else "gem"
+        margin = 0.0 if method.endswith("exact") else hyper.margin
+        return GEMProjector(inner, margin, constraints=names.get(method, ["mlm"]), mode=mode)
     if method == "uniform-2src":
         return Uniform(inner, objectives=2)
     if method == "lfmlf-2src":
@@ -144,15 +162,18 @@ def fine_tune(method: str, models: Models, bundle: Bundle, hyper: Hyper, seed: i
     mlm, xsr = MaskedLM(head=models.mlm), SentenceRetrieval()
     align = CrossLingualAlignment(frozen_copy(task)) if method == "align" else None
     opt = _optimizer(method, models, hyper)
-    trace = Trace(sources)
+    trace, deltas = Trace(sources), []
     task.train()
     start = time.perf_counter()
     for _ in range(hyper.steps):
         opt.zero_grad()
         losses = [task(**batches.sample()).loss for batches in task_batches]
         loss = losses[0]
+        probe = memory_text.sample()
+        with torch.no_grad():
+            before = mlm(task, probe)
         if method == "mtf-mlm":
-            loss = auxiliary_loss(loss, mlm(task, memory_text.sample()), alpha=1.0)
+            loss = auxiliary_loss(loss, mlm(task, probe), alpha=1.0)
         if align is not None:
             loss = auxiliary_loss(loss, align(task, memory_pairs.sample()), alpha=hyper.alpha)
         if isinstance(opt, Uniform | ParetoLessForgetting):
@@ -162,17 +183,20 @@ def fine_tune(method: str, models: Models, bundle: Bundle, hyper: Hyper, seed: i
         if isinstance(opt, GEMProjector):
             if "mlm" in opt.row_names:
                 with opt.constraint("mlm"):
-                    mlm(task, memory_text.sample()).backward()
+                    mlm(task, probe).backward()
             if "xsr" in opt.row_names:
                 with opt.constraint("xsr"):
                     xsr(task, memory_pairs.sample()).backward()
         if isinstance(opt, PhasedLR):
             opt.observe(loss)
         opt.step()
+        with torch.no_grad():
+            deltas.append(mlm(task, probe) - before)
         if isinstance(opt, GEMProjector) and opt.last_stats is not None:
             stats = opt.last_stats
             trace.projected += int(stats.projected)
             trace.dots_after.append(stats.dots_after.tolist())
     trace.seconds = time.perf_counter() - start
+    trace.memory_deltas = torch.stack(deltas).tolist()
     task.eval()
     return trace

@@ -34,6 +34,10 @@ def summarise(runs: list[dict[str, Any]], pretrained: dict[str, Any], source: st
             "mlm_loss_all": _mean_std([statistics.fmean(r["mlm_loss"].values()) for r in mine]),
             "perplexity": _mean_std([math.exp(r["mlm_loss"][source]) for r in mine]),
             "xsr_p1": _mean_std([statistics.fmean(r["xsr_p1"].values()) for r in mine]),
+            "memory_batch_delta_sum": _mean_std([sum(r["memory_batch_deltas"]) for r in mine]),
+            "memory_batch_steps_up": _mean_std(
+                [statistics.fmean(d > 0 for d in r["memory_batch_deltas"]) for r in mine]
+            ),
             "seconds": _mean_std([r["seconds"] for r in mine]),
         }
     return out
@@ -52,12 +56,12 @@ def table(summary: Summary, pretrained: dict[str, Any], source: str) -> str:
         return f"{pair[0] * scale:.{digits}f} ± {pair[1] * scale:.{digits}f}"
 
     head = ["method", f"{source} (source)", *targets, "zero-shot mean"]
-    head += [f"MLM loss {source}", "Δ MLM loss", "MLM loss all", "XSR P@1"]
+    head += [f"MLM loss {source}", "Δ MLM loss", "MLM loss all", "XSR P@1", "Σ step Δ"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     before = pretrained["mlm_loss"]
     xsr_before = sum(pretrained["xsr_p1"].values()) / len(pretrained["xsr_p1"])
     row = ["pre-trained", "", *[""] * len(targets), "", f"{before[source]:.3f}", ""]
-    row += [f"{sum(before.values()) / len(before):.3f}", f"{100 * xsr_before:.1f}"]
+    row += [f"{sum(before.values()) / len(before):.3f}", f"{100 * xsr_before:.1f}", ""]
     lines.append("| " + " | ".join(row) + " |")
     for method, s in summary.items():
         row = [method, cell(s["source_accuracy"])]
@@ -66,7 +70,7 @@ def table(summary: Summary, pretrained: dict[str, Any], source: str) -> str:
         ]
         row += [cell(s["zero_shot_mean"]), cell(s["mlm_loss"], 1, 3)]
         row += [cell(s["mlm_loss_increase"], 1, 3), cell(s["mlm_loss_all"], 1, 3)]
-        row.append(cell(s["xsr_p1"]))
+        row += [cell(s["xsr_p1"]), cell(s["memory_batch_delta_sum"], 1, 2)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

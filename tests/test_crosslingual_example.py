@@ -9,12 +9,15 @@ import math
 import runpy
 import sys
 
+import pytest
+
 from tests.encoders import one_thread
 
 LANGUAGES = ["a", "b", "c", "d"]
 METHODS = ["naive", "gem-mlm"]
 
 
+@pytest.mark.slow
 def test_quick_run_writes_its_results_and_gem_keeps_the_mlm_loss_lower(
     tmp_path, capsys, monkeypatch
 ):
@@ -54,3 +57,36 @@ def test_quick_run_writes_its_results_and_gem_keeps_the_mlm_loss_lower(
     assert gem["memory_batch_delta_sum"][0] <= 0 < naive["memory_batch_delta_sum"][0]
     gem_run = result["runs"][1]
     assert gem_run["projected_steps"] > 0 and gem_run["min_dot_after"] >= 0
+
+
+@pytest.mark.slow
+def test_real_data_files_and_a_model_path_run_the_same_loop(tmp_path, capsys, monkeypatch):
+    from gradsurgery.data import sample_file
+
+    out = tmp_path / "result.json"
+    pos, memory = sample_file("en_pos.conllu"), sample_file("memory.en")
+    parallel = ",".join(str(sample_file(f"parallel.{x}")) for x in ("en", "de", "en-de.align"))
+    arguments = ["--model", "examples/crosslingual/tiny-mbert", "--train", f"en={pos}"]
+    arguments += [
+        "--test",
+        f"en={pos}",
+        "--test",
+        f"de={pos}",
+        "--memory",
+        str(memory),
+        "--parallel",
+        f"de={parallel}",
+    ]
+    arguments += ["--methods", "naive", "gem-both", "lfmlf-2src", "--steps", "2"]
+    arguments += ["--seeds", "0", "--json", str(out), "--plot", str(tmp_path / "plot.png")]
+    monkeypatch.setattr(sys, "argv", ["examples.crosslingual", *arguments])
+    with one_thread():
+        runpy.run_module("examples.crosslingual", run_name="__main__")
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+
+    assert "left out ['lfmlf-2src']: they need two --train languages" in printed
+    assert list(result["summary"]) == ["naive", "gem-both"]
+    assert list(result["pretrained"]["mlm_loss"]) == ["en"]
+    assert list(result["pretrained"]["xsr_p1"]) == ["de"]
+    assert [len(run["memory_batch_deltas"]) for run in result["runs"]] == [2, 2]

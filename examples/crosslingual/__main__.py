@@ -34,7 +34,7 @@ from transformers.utils import logging as hf_logging
 
 from examples.crosslingual.bundle import Bundle, from_files, synthetic
 from examples.crosslingual.evaluate import memory_scores, scores
-from examples.crosslingual.methods import METHODS, Hyper, Models, fine_tune
+from examples.crosslingual.methods import METHODS, MULTI_SOURCE, Hyper, Models, fine_tune
 from examples.crosslingual.pretrain import pretrained
 from examples.crosslingual.report import plot, summarise, table
 from gradsurgery.objectives import share_encoder
@@ -147,7 +147,12 @@ def main() -> None:
     else:
         bundle = synthetic(QUICK if args.quick else FULL)
         model = args.model or (SHIPPED if (SHIPPED / "config.json").is_file() else pretrained())
-    result = run(model, bundle, args.methods, seeds, hyper)
+    methods = [m for m in args.methods if m not in MULTI_SOURCE or len(bundle.train) > 1]
+    if methods != args.methods:
+        print(
+            f"left out {sorted(set(args.methods) - set(methods))}: they need two --train languages"
+        )
+    result = run(model, bundle, methods, seeds, hyper)
     result["config"] = {
         "model": str(model),
         "source": bundle.source,

@@ -9,7 +9,7 @@ each layer set) before the inner optimizer steps:
 >>> opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), constraints=["memory"])
 """
 
-from gradsurgery import functional, qp
+from gradsurgery import distributed, functional, qp
 from gradsurgery.errors import NonFiniteGradientError, ParetoStationaryError, SolverError
 from gradsurgery.flat import GradientBank
 from gradsurgery.layers import EncoderLayout, LayerSets
@@ -59,6 +59,7 @@ __all__ = [
     "Uniform",
     "WrappedOptimizer",
     "__version__",
+    "distributed",
     "functional",
     "qp",
 ]

@@ -10,19 +10,59 @@ no memory proportional to ``p`` is allocated per step.
 
 Because the rows are contiguous, the Gram matrix of all rows is one matrix product and a
 combination of rows one matrix-vector product (see :mod:`gradsurgery.gram`).
+
+Sharded parameters (``DTensor``, e.g. from FSDP2's ``fully_shard``) are stored by their
+local shard: each ``.grad`` is a ``DTensor`` whose local tensor is the view, so the sharded
+gradient FSDP2 reduce-scatters is added into the row in place.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from gradsurgery import gram as _gram
+from gradsurgery import segments as _segments
+from gradsurgery.segments import Segments
 
-__all__ = ["GradientBank"]
+__all__ = ["GradientBank", "local"]
+
+
+def _dtensor() -> Any:
+    """The ``DTensor`` class if it was imported (a DTensor can exist only then), else None."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+def local(tensor: Tensor) -> Tensor:
+    """The part of ``tensor`` this process holds: the local shard of a ``DTensor``, or itself."""
+    dtensor = _dtensor()
+    if dtensor is not None and isinstance(tensor, dtensor):
+        shard: Tensor = tensor.to_local()
+        return shard
+    return tensor
+
+
+def _as_grad(param: Tensor, view: Tensor) -> Tensor:
+    """What ``param.grad`` is set to for the row ``view``: the view, or a DTensor around it."""
+    dtensor = _dtensor()
+    if dtensor is not None and isinstance(param, dtensor):
+        sharded: Any = param
+        grad: Tensor = dtensor.from_local(
+            view,
+            sharded.device_mesh,
+            sharded.placements,
+            run_check=False,
+            shape=sharded.shape,
+            stride=sharded.stride(),
+        )
+        return grad
+    return view
 
 
 def _unique(params: Iterable[Tensor]) -> list[Tensor]:
@@ -73,28 +113,32 @@ class GradientBank:
         self.blocks: tuple[Tensor, ...] = tuple(
             torch.zeros(
                 rows,
-                sum(p.numel() for p in trainable if p.dtype == dtype),
+                sum(local(p).numel() for p in trainable if p.dtype == dtype),
                 dtype=dtype,
                 device=self.device,
             )
             for dtype in dtypes
         )
         self._views: list[list[Tensor]] = [[] for _ in range(rows)]
+        self._grads: list[list[Tensor]] = [[] for _ in range(rows)]
         self._index: dict[int, tuple[int, slice]] = {}
         offset, block = 0, 0
         for p in self.params:
             if self.blocks[block].dtype != p.dtype:
                 offset, block = 0, block + 1
-            part = slice(offset, offset + p.numel())
+            shape = local(p).shape
+            part = slice(offset, offset + shape.numel())
             self._index[id(p)] = (block, part)
             for row in range(rows):
-                self._views[row].append(self.blocks[block][row, part].view(p.shape))
+                view = self.blocks[block][row, part].view(shape)
+                self._views[row].append(view)
+                self._grads[row].append(_as_grad(p, view))
             offset = part.stop
         with torch.no_grad():
             for p, view in zip(self.params, self._views[0], strict=True):
                 if p.grad is not None:
-                    view.copy_(p.grad)
-        self._lengths: tuple[Tensor, ...] | None = None
+                    view.copy_(local(p.grad))
+        self._segments: tuple[Segments, ...] | None = None
         self.bound_row = 0
         self.bind(0)
 
@@ -104,13 +148,13 @@ class GradientBank:
         return sum(block.shape[1] for block in self.blocks)
 
     def row_views(self, row: int) -> list[Tensor]:
-        """The views of ``row`` shaped like each parameter, in :attr:`params` order."""
+        """The views of ``row`` shaped like each parameter's local part, in :attr:`params` order."""
         return self._views[row]
 
     def bind(self, row: int) -> None:
         """Point every parameter's ``.grad`` at its view into ``row``."""
-        for p, view in zip(self.params, self._views[row], strict=True):
-            p.grad = view
+        for p, grad in zip(self.params, self._grads[row], strict=True):
+            p.grad = grad
         self.bound_row = row
 
     @contextmanager
@@ -141,16 +185,16 @@ class GradientBank:
         """Like :meth:`repair`, for the views into ``row``."""
         repaired = 0
         with torch.no_grad():
-            for p, view in zip(self.params, self._views[row], strict=True):
+            for p, view, bound in zip(self.params, self._views[row], self._grads[row], strict=True):
                 grad = p.grad
-                if grad is view:
+                if grad is bound:
                     continue
                 repaired += 1
                 if grad is None:
                     view.zero_()
                 else:
-                    view.copy_(grad)
-                p.grad = view
+                    view.copy_(local(grad))
+                p.grad = bound
         return repaired
 
     def owns(self, params: Iterable[Tensor]) -> bool:
@@ -190,31 +234,29 @@ class GradientBank:
             _gram.combine_(block[0], block[rows], weights, accumulate=accumulate)
 
     @property
-    def segment_lengths(self) -> tuple[Tensor, ...]:
-        """Per block, the number of entries of each of its parameters (a column segment)."""
-        if self._lengths is None:
-            self._lengths = tuple(
-                torch.tensor(
-                    [p.numel() for p in self.params if p.dtype == block.dtype],
-                    device=self.device,
+    def segments(self) -> tuple[Segments, ...]:
+        """Per block, its parameters as column segments (for per-tensor methods)."""
+        if self._segments is None:
+            self._segments = tuple(
+                Segments(
+                    [local(p).numel() for p in self.params if p.dtype == block.dtype], self.device
                 )
                 for block in self.blocks
             )
-        return self._lengths
+        return self._segments
 
     def segment_gram(self, rows: slice) -> Tensor:
         """``(n_params, r, r)``: the Gram matrix of ``rows`` within each parameter tensor."""
-        return torch.cat(
-            [
-                _gram.segment_gram(block[rows], lengths)
-                for block, lengths in zip(self.blocks, self.segment_lengths, strict=True)
-            ]
-        )
+        grams = [
+            _segments.segment_gram(block[rows], segments)
+            for block, segments in zip(self.blocks, self.segments, strict=True)
+        ]
+        return grams[0] if len(grams) == 1 else torch.cat(grams)
 
     def combine_segments_(self, weights: Tensor, rows: slice) -> None:
         """Write ``row0`` of each parameter as ``Σ_k weights[param, k] · row_k`` of it."""
         start = 0
-        for block, lengths in zip(self.blocks, self.segment_lengths, strict=True):
-            part = weights[start : start + lengths.numel()]
-            _gram.combine_segments_(block[0], block[rows], part, lengths)
-            start += lengths.numel()
+        for block, segments in zip(self.blocks, self.segments, strict=True):
+            part = weights[start : start + segments.count]
+            _segments.combine_segments_(block[0], block[rows], part, segments)
+            start += segments.count

@@ -25,11 +25,10 @@ from torch import Tensor
 __all__ = [
     "CHUNK",
     "combine_",
-    "combine_segments_",
+    "compute_dtype",
     "cross",
     "gram",
     "ieee_fp32_matmul",
-    "segment_gram",
 ]
 
 CHUNK = 1 << 22
@@ -118,35 +117,6 @@ def combine_(out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool) -
         return out.addmv_(block.T, weights.to(block.dtype), beta=beta)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums are accumulated in: fp32 for fp16/bf16 gradients, else their own."""
     return torch.float32 if dtype in _LOW_PRECISION else dtype
-
-
-def segment_gram(block: Tensor, lengths: Tensor) -> Tensor:
-    """Gram matrices of consecutive column segments: ``(len(lengths), r, r)`` in float64.
-
-    Segment ``s`` covers the next ``lengths[s]`` columns of the ``(r, n)`` block (one
-    parameter tensor each, for per-tensor methods). Each of the ``r(r + 1)/2`` pairs of rows
-    is multiplied once and summed per segment, with one temporary of ``n`` values.
-    """
-    rows = block.shape[0]
-    out = torch.zeros(lengths.numel(), rows, rows, dtype=torch.float64, device=block.device)
-    dtype = _compute_dtype(block.dtype)
-    for i in range(rows):
-        for j in range(i, rows):
-            product = block[i].to(dtype) * block[j].to(dtype)
-            sums = torch.segment_reduce(product, "sum", lengths=lengths).double()
-            out[:, i, j] = sums
-            out[:, j, i] = sums
-    return out
-
-
-def combine_segments_(out: Tensor, block: Tensor, weights: Tensor, lengths: Tensor) -> Tensor:
-    """Write ``out[segment s] ← Σ_k weights[s, k] · block[k, segment s]``; return ``out``."""
-    n = block.shape[1]
-    dtype = _compute_dtype(block.dtype)
-    acc = torch.zeros(n, dtype=dtype, device=block.device)
-    for k in range(block.shape[0]):
-        spread = torch.repeat_interleave(weights[:, k].to(dtype), lengths, output_size=n)
-        acc.addcmul_(spread, block[k].to(dtype))
-    return out.copy_(acc)

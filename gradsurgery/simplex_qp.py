@@ -159,22 +159,37 @@ def _unit_problem(K: Tensor, c: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return Kn, cn
 
 
+def _descent_rows(K: np.ndarray) -> np.ndarray:
+    """LF-MLF's constraint rows ``K w ≥ 0``, row ``t`` divided by ``‖g_t‖ = sqrt(K_tt)``.
+
+    The feasible set is the same; a violation then reads as a cosine between ``d`` and
+    ``g_t`` (times ``‖d‖``), so a language whose gradient is 10⁻³ of the largest is held to
+    the same tolerance as the largest. Unscaled, its row sits inside any solver's
+    feasibility tolerance and ``d`` may raise its loss to first order.
+    """
+    norms = np.sqrt(np.maximum(np.diag(K), 0.0))
+    scaled: np.ndarray = K / np.where(norms > 0, norms, 1.0)[:, None]
+    return scaled
+
+
 def _certificate(K: np.ndarray, c: np.ndarray, w: np.ndarray, descent: bool = True) -> float:
     """KKT residual on the simplex, with LF-MLF's ``Kw ≥ 0`` when ``descent``."""
     t = len(c)
     Kw = K @ w
+    D = _descent_rows(K)
+    Dw = D @ w
     tol = 1e-9 * (1 + np.abs(w).max())
     at_zero = np.flatnonzero(w <= tol)
-    at_descent = np.flatnonzero(Kw <= tol) if descent else np.zeros(0, dtype=int)
-    # Kw + c = λ·1 + μ + K ν,  μ ≥ 0 on {w_i = 0},  ν ≥ 0 on {(Kw)_i = 0};  λ free.
-    basis = np.hstack([np.ones((t, 1)), -np.ones((t, 1)), np.eye(t)[:, at_zero], K[:, at_descent]])
+    at_descent = np.flatnonzero(Dw <= tol) if descent else np.zeros(0, dtype=int)
+    # Kw + c = λ·1 + μ + Dᵀν,  μ ≥ 0 on {w_i = 0},  ν ≥ 0 on {(Dw)_i = 0};  λ free.
+    basis = np.hstack([np.ones((t, 1)), -np.ones((t, 1)), np.eye(t)[:, at_zero], D[at_descent].T])
     multipliers, stationarity = nnls(basis, Kw + c, maxiter=50 * basis.shape[1])
     mu = multipliers[2 : 2 + len(at_zero)]
     nu = multipliers[2 + len(at_zero) :]
     complementarity = max(
-        float(np.max(mu * w[at_zero], initial=0.0)), float(np.max(nu * Kw[at_descent], initial=0.0))
+        float(np.max(mu * w[at_zero], initial=0.0)), float(np.max(nu * Dw[at_descent], initial=0.0))
     )
-    infeasible = float(np.max(-Kw, initial=0.0)) if descent else 0.0
+    infeasible = float(np.max(-Dw, initial=0.0)) if descent else 0.0
     primal = max(abs(w.sum() - 1), float(np.max(-w, initial=0.0)), infeasible)
     scale = 1 + np.abs(c).max() + np.abs(Kw).max()
     return float(max(primal, stationarity / scale, complementarity / scale))
@@ -183,8 +198,9 @@ def _certificate(K: np.ndarray, c: np.ndarray, w: np.ndarray, descent: bool = Tr
 def lfmlf_kkt_residual(K: Tensor, c: Tensor, w: Tensor) -> Tensor:
     """KKT residual of ``w`` for LF-MLF's Problem 2 (0 at the optimum).
 
-    Primal feasibility (``Σ w = 1``, ``w ≥ 0``, ``Kw ≥ 0``), stationarity
-    ``Kw + c = λ1 + μ + Kν`` with multipliers ``μ, ν ≥ 0`` on the active constraints (found by
+    Primal feasibility (``Σ w = 1``, ``w ≥ 0``, ``(Kw)_t / sqrt(K_tt) ≥ 0``: each language's
+    constraint on its own scale), stationarity ``Kw + c = λ1 + μ + Dᵀν`` (``D`` the scaled
+    constraint rows) with multipliers ``μ, ν ≥ 0`` on the active constraints (found by
     non-negative least squares) and complementarity, relative to the problem's scale after
     dividing ``K`` and ``c`` by ``max diag K``.
     """
@@ -196,7 +212,7 @@ def lfmlf_kkt_residual(K: Tensor, c: Tensor, w: Tensor) -> Tensor:
 def _constraint_rows(K: np.ndarray, descent: bool) -> np.ndarray:
     """The inequality rows ``C`` of ``C w ≥ 0``: ``w ≥ 0``, and LF-MLF's ``K w ≥ 0``."""
     eye = np.eye(len(K))
-    return np.vstack([eye, K]) if descent else eye
+    return np.vstack([eye, _descent_rows(K)]) if descent else eye
 
 
 def _active_set(K: np.ndarray, c: np.ndarray, w: np.ndarray, descent: bool) -> np.ndarray:
@@ -215,8 +231,12 @@ def _active_set(K: np.ndarray, c: np.ndarray, w: np.ndarray, descent: bool) -> n
     tol = 1e-12
     working = C @ w <= tol
     for _ in range(10 * t + 10):
-        gradient = K @ w + c
         equalities = np.vstack([np.ones((1, t)), C[working]])
+        # onto the working set's face exactly: the backend's answer meets the constraints
+        # only to its tolerance
+        target = np.concatenate([[1.0], np.zeros(int(working.sum()))])
+        w = w + np.linalg.lstsq(equalities, target - equalities @ w, rcond=None)[0]
+        gradient = K @ w + c
         _, singular, vt = np.linalg.svd(equalities)
         rank = int(np.sum(singular > tol * max(1.0, singular.max(initial=0.0))))
         Z = vt[rank:].T
@@ -259,12 +279,17 @@ def _simplex_on_host(K: Tensor, c: Tensor, solver: str, descent: bool) -> Simple
     """A qpsolvers backend's answer, finished by :func:`_active_set` and certified."""
     t = K.shape[0]
     Kn, cn = _unit_problem(K, c)
-    constraints = {"G": -Kn, "h": np.zeros(t)} if descent else {}
+    constraints = {"G": -_descent_rows(Kn), "h": np.zeros(t)} if descent else {}
     start = qp.backend_solve(
         solver, Kn, cn, A=np.ones((1, t)), b=np.ones(1), lb=np.zeros(t), **constraints
     )
     start = _onto_simplex(start)  # backends meet w ≥ 0 only to their tolerance
     candidates = [start, _onto_simplex(_active_set(Kn, cn, start, descent))]
+    if descent and np.min(_descent_rows(Kn) @ start) < 0:
+        # The active-set method needs a feasible start; the min-norm point always is one
+        # (K w ≥ wᵀKw ≥ 0), whatever the backend's answer was.
+        feasible = min_norm_weights(torch.from_numpy(Kn)).w.numpy()
+        candidates.append(_onto_simplex(_active_set(Kn, cn, feasible, descent)))
     residuals = [_certificate(Kn, cn, w, descent) for w in candidates]
     best = int(np.argmin(residuals))
     return SimplexSolution(

@@ -37,6 +37,8 @@ def write(path: Path, text: str) -> Path:
 def test_every_sample_file_is_shipped() -> None:
     for name in SAMPLES:
         assert sample_file(name).is_file()
+    memory = read_text(sample_file("memory.en"))
+    assert len(memory) == 4 and memory[0] == "the dog is walking home ."
     with pytest.raises(ValueError, match=r"no sample file 'x\.txt'"):
         sample_file("x.txt")
 

@@ -36,6 +36,7 @@ from gradsurgery.objectives import (
     mlm_perplexity,
     precision_at_k,
     retrieval_precision,
+    share_encoder,
     word_pool,
     xsr_loss,
 )
@@ -142,6 +143,11 @@ def test_xsr_loss_by_hand() -> None:
     assert xsr_loss(model, batch, temperature=tau, symmetric=True).item() == pytest.approx(both)
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         SentenceRetrieval(temperature=0.0)
+    one = ParallelBatch(
+        encoding([[1]], [[0]]), encoding([[1]], [[0]]), torch.tensor([0]), torch.tensor([0])
+    )
+    with pytest.raises(ValueError, match="at least 2 pairs in a batch, got 1"):
+        xsr_loss(model, one)
 
 
 def test_precision_at_k_on_a_constructed_case() -> None:
@@ -322,6 +328,11 @@ def test_masked_lm_needs_a_head_on_the_models_encoder(tmp_path: Path) -> None:
     tok = tokenizer(tmp_path)
     task, mlm = task_and_mlm(len(tok))
     other, _ = task_and_mlm(len(tok), seed=1)
+    output = mlm.get_output_embeddings()
+    assert isinstance(output, nn.Linear)
+    assert output.weight is task.bert.embeddings.word_embeddings.weight  # tied again
+    with pytest.raises(ValueError, match="has no base model to replace"):
+        share_encoder(task.bert, task)
     batch = DataCollatorForLanguageModeling(tok, seed=0)(text_examples(tok, ["the dog"]))
     assert torch.equal(MaskedLM(head=mlm)(task, batch), MaskedLM()(mlm, batch))
     with pytest.raises(ValueError, match="does not share the encoder"):
@@ -345,3 +356,22 @@ def test_precision_at_k_matches_sorting(n: int, dim: int, seed: int, k: int) -> 
     order = similarity.argsort(dim=1, descending=True, stable=True)
     hits = [i in order[i, :k].tolist() for i in range(n)]
     assert precision_at_k(source, target, (k,))[k] == pytest.approx(sum(hits) / n)
+
+
+@given(
+    lengths=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+    words=st.integers(1, 5),
+)
+def test_word_pool_is_the_mean_of_each_words_subwords(
+    lengths: list[int], seed: int, words: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    hidden = torch.randn(len(lengths), width, 3, generator=generator, dtype=torch.float64)
+    index = torch.randint(-1, words, (len(lengths), width), generator=generator)
+    pooled = word_pool(hidden, index, words)
+    for word in range(words):
+        members = hidden[index == word]
+        expected = members.mean(dim=0) if len(members) else torch.zeros(3, dtype=torch.float64)
+        torch.testing.assert_close(pooled[word], expected)

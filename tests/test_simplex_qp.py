@@ -77,12 +77,19 @@ def test_lfmlf_problem_2_matches_brute_force(solver, problem):
     assert abs(w.sum() - 1) <= 1e-6
     assert np.all(w >= -1e-6)
     assert np.all(K @ w >= -1e-6 * np.abs(K).max())
+    # and on each language's own scale: d raises no loss to first order, however small
+    # that language's gradient is next to the others'
+    norms = np.sqrt(np.diag(K))
+    assert np.all(K @ w >= -1e-6 * norms * norms.max())
     # optimality: no worse than an independent exact method (brute force over active sets),
     # and certified by the KKT conditions
     w_ref = reference.lfmlf(K, c)
     if np.all(K @ w_ref >= -1e-12 * np.max(np.diag(K))):  # the brute force's own solves are
         # float64 least squares: compare only where its answer is feasible
         assert objective(K, c, w) <= objective(K, c, w_ref) + 1e-9 * problem_scale(K, c)
+        # d = Jᵀw is unique (the objective is strictly convex in d): the same direction
+        gap = w - w_ref
+        assert np.sqrt(max(gap @ K @ gap, 0.0)) <= 1e-6 * np.sqrt(np.max(np.diag(K)))
     assert float(solution.kkt_residual) <= 1e-6
 
 

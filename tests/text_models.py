@@ -46,7 +46,9 @@ def config(vocab_size: int, labels: int = 3) -> BertConfig:
     return bert
 
 
-def task_and_mlm(vocab_size: int, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+def task_and_mlm(
+    vocab_size: int, seed: int = 0
+) -> tuple[BertForTokenClassification, BertForMaskedLM]:
     """A token-classification model and a masked-LM model sharing its encoder."""
     torch.manual_seed(seed)
     task = BertForTokenClassification(config(vocab_size))

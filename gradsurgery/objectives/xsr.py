@@ -70,9 +70,15 @@ def xsr_loss(
         symmetric: also retrieve each source from its target, and average both losses.
 
     Raises:
-        ValueError: a bad ``temperature``.
+        ValueError: a bad ``temperature``, or fewer than two pairs (one pair has nothing
+            to be told apart from: its loss would be 0 whatever the model).
     """
     scale = 1.0 / finite_number(temperature, "temperature", low=0, strict=True)
+    if len(batch) < 2:
+        raise ValueError(
+            f"sentence retrieval needs at least 2 pairs in a batch, got {len(batch)}: each "
+            "source must be told apart from the other pairs' targets"
+        )
     source = normalize(sentence_vectors(model, batch.source).float(), dim=-1)
     target = normalize(sentence_vectors(model, batch.target).float(), dim=-1)
     logits = source @ target.T * scale

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from gradsurgery import qp, sync
+from gradsurgery.distributed import Distributed
 from gradsurgery.functional.gem import (
     GEMMode,
     GEMSolution,
@@ -150,6 +151,8 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         grad_scaler: the ``torch.amp.GradScaler`` scaling every backward pass, if any.
         validate: raise on NaN/Inf gradients and on an inexact solve, before changing
             anything (one small host read per step on an accelerator).
+        distributed: ``None``, :class:`~gradsurgery.distributed.Replicated` (DDP) or
+            :class:`~gradsurgery.distributed.Sharded` (FSDP2); see ``docs/distributed.md``.
 
     Raises:
         ValueError: bad option values, no trainable parameter, parameters on several
@@ -169,10 +172,17 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         eps: float = 0.0,
         grad_scaler: torch.amp.GradScaler | None = None,
         validate: bool = True,
+        distributed: Distributed | None = None,
     ) -> None:
         check_options(margin, mode, eps)
         qp.resolve_solver(solver, constraints if isinstance(constraints, int) else len(constraints))
-        super().__init__(optimizer, constraints, grad_scaler=grad_scaler, validate=validate)
+        super().__init__(
+            optimizer,
+            constraints,
+            grad_scaler=grad_scaler,
+            validate=validate,
+            distributed=distributed,
+        )
         self.margin = float(margin)
         self.mode: GEMMode = mode
         self.solver = solver
@@ -187,7 +197,7 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
 
     def _surgery(self) -> GEMStats:
         bank = self._bank
-        gram = bank.gram()
+        gram = self._gram()
         solution = gem_multipliers(
             gram, self.margin, mode=self.mode, solver=self.solver, eps=self.eps
         )

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from gradsurgery.distributed import Distributed, broadcast_generator
 from gradsurgery.flat import GradientBank
 from gradsurgery.functional.gradvac import check_beta, gradvac_coefficients
 from gradsurgery.functional.pcgrad import conflict_orders
@@ -40,6 +41,9 @@ class GradVac(MultiObjectiveOptimizer):
             ``state_dict``).
         grad_scaler: the ``torch.amp.GradScaler`` scaling every backward pass, if any.
         validate: raise on NaN/Inf gradients and stray backward passes.
+        distributed: ``None``, :class:`~gradsurgery.distributed.Replicated` (DDP) or
+            :class:`~gradsurgery.distributed.Sharded` (FSDP2); the generator's state
+            is then broadcast from the group's first rank.
     """
 
     stats_prefix = "gradvac"
@@ -54,12 +58,21 @@ class GradVac(MultiObjectiveOptimizer):
         generator: torch.Generator | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         validate: bool = True,
+        distributed: Distributed | None = None,
     ) -> None:
         check_beta(beta)
         if granularity not in ("model", "parameter"):
             raise ValueError(f"granularity must be 'model' or 'parameter', got {granularity!r}")
         generator = default_generator(generator)
-        super().__init__(optimizer, objectives, grad_scaler=grad_scaler, validate=validate)
+        super().__init__(
+            optimizer,
+            objectives,
+            grad_scaler=grad_scaler,
+            validate=validate,
+            distributed=distributed,
+        )
+        if distributed is not None:
+            broadcast_generator(generator, distributed)
         self.beta = float(beta)
         self.granularity: Granularity = granularity
         self.generator = generator
@@ -82,7 +95,12 @@ class GradVac(MultiObjectiveOptimizer):
 
     def _decide(self, gram: Tensor) -> Decision:
         rows = self._objective_rows
-        K = gram[rows, rows] if self.granularity == "model" else self._bank.segment_gram(rows)
+        if self.granularity == "model":
+            K = gram[rows, rows]
+        else:
+            K = self._bank.segment_gram(rows)
+            if self.distributed is not None:
+                K = self.distributed.reduce_gram(K)
         orders = conflict_orders(len(self.row_names), self.generator)
         C, self.targets = gradvac_coefficients(K, self.targets, orders, self.beta)
         return Decision(C.sum(dim=-2), K)

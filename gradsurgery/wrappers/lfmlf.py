@@ -11,7 +11,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from gradsurgery import qp, simplex_qp
+from gradsurgery.distributed import Distributed
 from gradsurgery.errors import ParetoStationaryError
+from gradsurgery.flat import local
 from gradsurgery.functional.lfmlf import DEFAULT_SOLVER
 from gradsurgery.wrappers.multi import Decision, MultiObjectiveOptimizer
 
@@ -58,6 +60,8 @@ class ParetoLessForgetting(MultiObjectiveOptimizer):
             small a meaningful value can be).
         grad_scaler: the ``torch.amp.GradScaler`` scaling every backward pass, if any.
         validate: raise on NaN/Inf gradients, stray backward passes and an inexact solve.
+        distributed: ``None``, :class:`~gradsurgery.distributed.Replicated` (DDP) or
+            :class:`~gradsurgery.distributed.Sharded` (FSDP2); see ``docs/distributed.md``.
 
     Each step reads the ``T × T`` problem back to the host (the QP is solved there).
     """
@@ -74,6 +78,7 @@ class ParetoLessForgetting(MultiObjectiveOptimizer):
         stationarity_tol: float = 1e-4,
         grad_scaler: torch.amp.GradScaler | None = None,
         validate: bool = True,
+        distributed: Distributed | None = None,
     ) -> None:
         if on_stationary not in ("skip", "raise"):
             raise ValueError(f"on_stationary must be 'skip' or 'raise', got {on_stationary!r}")
@@ -83,7 +88,12 @@ class ParetoLessForgetting(MultiObjectiveOptimizer):
             raise ValueError(f"solver must be a qpsolvers backend such as 'daqp', got {solver!r}")
         qp.resolve_solver(solver, 2)
         super().__init__(
-            optimizer, objectives, internal_rows=1, grad_scaler=grad_scaler, validate=validate
+            optimizer,
+            objectives,
+            internal_rows=1,
+            grad_scaler=grad_scaler,
+            validate=validate,
+            distributed=distributed,
         )
         self.solver = solver
         self.on_stationary: OnStationary = on_stationary
@@ -145,7 +155,7 @@ class ParetoLessForgetting(MultiObjectiveOptimizer):
         super()._check_extra_state(state)
         params = self._all_params()
         for index, value in state.get("accumulated", {}).items():
-            if not (0 <= index < len(params)) or tuple(value.shape) != tuple(params[index].shape):
+            if not (0 <= index < len(params)) or value.shape != local(params[index]).shape:
                 raise ValueError(
                     f"the state dict's accumulated direction for parameter {index} does not fit "
                     "this optimizer's parameters"

@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from gradsurgery import qp, simplex_qp
+from gradsurgery.distributed import Distributed
 from gradsurgery.wrappers.multi import Decision, MultiObjectiveOptimizer
 
 __all__ = ["MGDA"]
@@ -31,6 +32,8 @@ class MGDA(MultiObjectiveOptimizer):
         grad_scaler: the ``torch.amp.GradScaler`` scaling every backward pass, if any.
         validate: raise on NaN/Inf gradients and stray backward passes (one host read per
             step on an accelerator).
+        distributed: ``None``, :class:`~gradsurgery.distributed.Replicated` (DDP) or
+            :class:`~gradsurgery.distributed.Sharded` (FSDP2); see ``docs/distributed.md``.
     """
 
     stats_prefix = "mgda"
@@ -43,12 +46,19 @@ class MGDA(MultiObjectiveOptimizer):
         solver: str = "auto",
         grad_scaler: torch.amp.GradScaler | None = None,
         validate: bool = True,
+        distributed: Distributed | None = None,
     ) -> None:
         if solver != "auto":
             qp.resolve_solver(
                 solver, objectives if isinstance(objectives, int) else len(objectives)
             )
-        super().__init__(optimizer, objectives, grad_scaler=grad_scaler, validate=validate)
+        super().__init__(
+            optimizer,
+            objectives,
+            grad_scaler=grad_scaler,
+            validate=validate,
+            distributed=distributed,
+        )
         self.solver = solver
 
     def _decide(self, gram: Tensor) -> Decision:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from gradsurgery.distributed import Distributed
 from gradsurgery.errors import NonFiniteGradientError
 from gradsurgery.wrappers.surgery import SurgeryOptimizer
 
@@ -113,6 +114,8 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
         validate: raise on NaN/Inf gradients, on a backward pass outside every
             ``objective`` block and on an inexact solve, before changing anything (one
             small host read per step on an accelerator).
+        distributed: ``None``, :class:`~gradsurgery.distributed.Replicated` (DDP) or
+            :class:`~gradsurgery.distributed.Sharded` (FSDP2); see ``docs/distributed.md``.
     """
 
     row_kind = "objective"
@@ -126,6 +129,7 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
         internal_rows: int = 0,
         grad_scaler: torch.amp.GradScaler | None = None,
         validate: bool = True,
+        distributed: Distributed | None = None,
     ) -> None:
         super().__init__(
             optimizer,
@@ -133,6 +137,7 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
             internal_rows=internal_rows,
             grad_scaler=grad_scaler,
             validate=validate,
+            distributed=distributed,
         )
 
     @property
@@ -182,7 +187,7 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
 
     def _surgery(self) -> ObjectiveStats:
         bank = self._bank
-        gram = bank.gram()
+        gram = self._gram()
         if self.reads_host:
             finite, clean = torch.stack([gram.isfinite().all(), gram[0, 0] == 0]).tolist()
             if not finite:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from gradsurgery.distributed import Distributed, broadcast_generator
 from gradsurgery.functional.pcgrad import conflict_orders, pcgrad_coefficients
 from gradsurgery.functional.validation import check_reduction
 from gradsurgery.wrappers.multi import Decision, MultiObjectiveOptimizer
@@ -48,6 +49,9 @@ class PCGrad(MultiObjectiveOptimizer):
             default one seeded from the global RNG.
         grad_scaler: the ``torch.amp.GradScaler`` scaling every backward pass, if any.
         validate: raise on NaN/Inf gradients and stray backward passes.
+        distributed: ``None``, :class:`~gradsurgery.distributed.Replicated` (DDP) or
+            :class:`~gradsurgery.distributed.Sharded` (FSDP2); the generator's state
+            is then broadcast from the group's first rank.
     """
 
     stats_prefix = "pcgrad"
@@ -61,10 +65,19 @@ class PCGrad(MultiObjectiveOptimizer):
         generator: torch.Generator | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         validate: bool = True,
+        distributed: Distributed | None = None,
     ) -> None:
         check_reduction(reduction)
         generator = default_generator(generator)
-        super().__init__(optimizer, objectives, grad_scaler=grad_scaler, validate=validate)
+        super().__init__(
+            optimizer,
+            objectives,
+            grad_scaler=grad_scaler,
+            validate=validate,
+            distributed=distributed,
+        )
+        if distributed is not None:
+            broadcast_generator(generator, distributed)
         self.reduction = reduction
         self.generator = generator
 

@@ -26,6 +26,8 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
+from gradsurgery import distributed as _distributed
+from gradsurgery.distributed import Distributed
 from gradsurgery.flat import GradientBank
 from gradsurgery.wrappers.wrapped import WrappedOptimizer
 
@@ -98,6 +100,9 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         validate: check every step for NaN/Inf gradients and an inexact solve and raise
             before changing anything. On an accelerator this reads a few numbers back to
             the host once per step; ``False`` keeps the step free of host synchronisation.
+        distributed: ``None`` (one process), or the layout of the gradients across
+            processes: :class:`~gradsurgery.distributed.Replicated` (DDP) or
+            :class:`~gradsurgery.distributed.Sharded` (FSDP2); see ``docs/distributed.md``.
     """
 
     row_kind = "row"
@@ -110,8 +115,10 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         internal_rows: int = 0,
         grad_scaler: torch.amp.GradScaler | None = None,
         validate: bool = True,
+        distributed: Distributed | None = None,
     ) -> None:
         names = _row_names(rows, self.row_kind)
+        _distributed.check(distributed)
         super().__init__(optimizer)
         inner: Optimizer = optimizer
         while isinstance(inner, WrappedOptimizer):
@@ -128,6 +135,8 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         self.row_names = names
         self.grad_scaler = grad_scaler
         self.validate = validate
+        self.distributed = distributed
+        self._reduced = False
         self._bank = GradientBank(self._all_params(), 1 + len(names) + internal_rows)
         self._scaler_rows = _RowsForScaler(self._bank, len(names))
         self._filled = [False] * len(self.row_names)
@@ -174,6 +183,7 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         self._filled = [False] * len(self.row_names)
         self._stale = [False] * len(self.row_names)
         self._pending = None
+        self._reduced = False
 
     def _index(self, name: str | int | None) -> int:
         """The row of ``name`` (a name or an index; may be left out when there is one)."""
@@ -197,6 +207,11 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
             )
         if self._routing:
             raise RuntimeError("gradient routing blocks do not nest")
+        if self._reduced:
+            raise RuntimeError(
+                "the rows were already averaged across ranks by a failed apply_surgery(); "
+                "call zero_grad() before computing new gradients"
+            )
         self._refresh_bank()
         if self._stale[index]:
             self._bank.zero_(index + 1)
@@ -240,6 +255,13 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
             scaler.unscale_(self)
         scaler.unscale_(self._scaler_rows)  # type: ignore[arg-type]
 
+    def _gram(self) -> Tensor:
+        """The Gram matrix of every bank row, made global across ranks when sharded."""
+        gram = self._bank.gram()
+        if self.distributed is not None:
+            gram = self.distributed.reduce_gram(gram)
+        return gram
+
     def _surgery(self) -> StatsT:
         """Rewrite row 0 of the bank from the rows (subclasses); return the step's stats."""
         raise NotImplementedError
@@ -258,6 +280,9 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         self._check_filled()
         self._refresh_bank()
         self._bank.repair()
+        if self.distributed is not None and not self._reduced:
+            self.distributed.average_rows(self._bank, slice(1, 1 + len(self.row_names)))
+            self._reduced = True
         if self._scaler_enabled:
             self._unscale_rows()
         self._pending = self._surgery()
@@ -281,6 +306,7 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
             self.optimizer.step()
         self.last_stats = stats
         self._pending = None
+        self._reduced = False
         self._filled = [False] * len(self.row_names)
         self._stale = [True] * len(self.row_names)
         return loss
@@ -298,4 +324,7 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
             )
 
     def _settings(self) -> dict[str, Any]:
-        return {"validate": self.validate}
+        settings: dict[str, Any] = {"validate": self.validate}
+        if self.distributed is not None:
+            settings["distributed"] = self.distributed
+        return settings

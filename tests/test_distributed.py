@@ -1,0 +1,312 @@
+"""Two CPU ranks over gloo: DDP, FSDP2 and single-process runs must take the same steps.
+
+One start of two processes runs every check; each rank saves what it saw and the tests
+below compare it with a single process trained on the union of the ranks' batches. The
+ranks are forked (as DataLoader workers are), not spawned: re-importing torch in each
+would cost more than all the checks together on a loaded two-core machine.
+Everything is float64: the distributed runs average the two halves' gradients where the
+single process averages over the whole batch, and the sharded runs add two partial Gram
+matrices, so the results agree to rounding (1e-12), not bit for bit; across ranks they
+must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+
+from gradsurgery import (
+    MGDA,
+    GEMProjector,
+    GradVac,
+    NonFiniteGradientError,
+    ParetoLessForgetting,
+    PCGrad,
+    SurgeryOptimizer,
+    Uniform,
+)
+from gradsurgery.distributed import Replicated, Sharded
+
+WORLD = 2
+BATCH = 8
+STEPS = 2
+T = 3  # objectives; GEM: one task and T - 1 constraints
+
+
+def build(name: str, opt: torch.optim.Optimizer, layout: Any, seed: int) -> SurgeryOptimizer[Any]:
+    gen = torch.Generator().manual_seed(seed)
+    if name == "gem":
+        return GEMProjector(opt, 0.1, constraints=T - 1, distributed=layout)
+    if name == "uniform":
+        return Uniform(opt, T, distributed=layout)
+    if name == "pcgrad":
+        return PCGrad(opt, T, generator=gen, distributed=layout)
+    if name == "gradvac":
+        return GradVac(opt, T, beta=0.5, generator=gen, distributed=layout)
+    if name == "gradvac_param":
+        return GradVac(opt, T, beta=0.5, granularity="parameter", generator=gen, distributed=layout)
+    if name == "mgda":
+        return MGDA(opt, T, distributed=layout)
+    assert name == "lfmlf"
+    return ParetoLessForgetting(opt, T, distributed=layout)
+
+
+NAMES = ["gem", "uniform", "pcgrad", "gradvac", "gradvac_param", "mgda", "lfmlf"]
+
+
+def make_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+
+
+def batch(step: int, rank: int | None) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(T, BATCH, 4, generator=gen, dtype=torch.float64)
+    signs = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64).view(T, 1, 1)
+    y = signs * x.sum(dim=-1, keepdim=True) + torch.randn(T, BATCH, 1, generator=gen).double()
+    if rank is None:
+        return x, y
+    half = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    return x[:, half], y[:, half]
+
+
+def loss(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return ((net(x) - y) ** 2).mean()
+
+
+def fill_rows(
+    name: str,
+    net: nn.Module,
+    opt: SurgeryOptimizer[Any],
+    x: Tensor,
+    y: Tensor,
+    local: Callable[[], AbstractContextManager[None]],
+    poison: int | None = None,
+) -> None:
+    """One step's backward passes; ``poison`` multiplies that row's loss by NaN."""
+    scale = [float("nan") if k == poison else 1.0 for k in range(T)]
+    if name == "gem":
+        (scale[0] * loss(net, x[0], y[0])).backward()  # DDP averages .grad itself
+        for k in range(1, T):
+            with opt.constraint(k - 1), local():  # type: ignore[attr-defined]
+                (scale[k] * loss(net, x[k], y[k])).backward()
+        return
+    for k in range(T):
+        with opt.objective(k), local():  # type: ignore[attr-defined]
+            (scale[k] * loss(net, x[k], y[k])).backward()
+
+
+def full(p: Tensor) -> Tensor:
+    return p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
+
+
+def train(name: str, mode: str, rank: int | None) -> list[Tensor]:
+    """``STEPS`` steps of SGD with momentum under ``name``; the final (full) parameters."""
+    model = make_model()
+    net: nn.Module = model
+    layout: Any = None
+    local: Callable[[], AbstractContextManager[None]] = nullcontext
+    if mode == "ddp":
+        ddp = nn.parallel.DistributedDataParallel(model)
+        net, layout, local = ddp, Replicated(), ddp.no_sync
+    elif mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model[0])
+        fully_shard(model[2])
+        fully_shard(model)
+        layout = Sharded()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = build(name, inner, layout, seed=7 + (rank or 0))  # rank 0's generator is broadcast
+    for step in range(STEPS):
+        x, y = batch(step, rank)  # each rank its half; DDP/FSDP average the halves
+        opt.zero_grad()
+        fill_rows(name, net, opt, x, y, local)
+        opt.step()
+    return [full(p) for p in model.parameters()]
+
+
+@contextmanager
+def counting_all_reduce(log: list[int]) -> Iterator[None]:
+    """Record the bytes of every ``torch.distributed.all_reduce`` issued inside."""
+    original = dist.all_reduce
+
+    def counted(tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
+        log.append(tensor.numel() * tensor.element_size())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        yield
+    finally:
+        dist.all_reduce = original
+
+
+def step_traffic(mode: str, name: str, rank: int) -> list[int]:
+    """The all-reduce sizes the wrapper issues in one step (not DDP's/FSDP's own)."""
+    model = make_model()
+    layout: Any
+    if mode == "ddp":
+        net: nn.Module = nn.parallel.DistributedDataParallel(model)
+        layout, local = Replicated(), net.no_sync  # type: ignore[operator]
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        net = fully_shard(model)  # type: ignore[assignment]
+        layout, local = Sharded(), nullcontext
+    opt = build(name, torch.optim.SGD(model.parameters(), lr=0.1), layout, seed=7)
+    x, y = batch(0, rank)
+    fill_rows(name, net, opt, x, y, local)
+    log: list[int] = []
+    with counting_all_reduce(log):
+        opt.step()
+    return log
+
+
+def nan_on_one_rank(rank: int) -> dict[str, Any]:
+    """Rank 1 poisons a constraint: both ranks raise, nothing changes, then both go on."""
+    out: dict[str, Any] = {}
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = build("gem", torch.optim.Adam(model.parameters(), lr=0.1), Replicated(), seed=7)
+    x, y = batch(0, rank)
+    fill_rows("gem", ddp, opt, x, y, ddp.no_sync)
+    opt.step()
+    before = ([full(p) for p in model.parameters()], copy.deepcopy(opt.state_dict()))
+    x, y = batch(1, rank)
+    opt.zero_grad()
+    fill_rows("gem", ddp, opt, x, y, ddp.no_sync, poison=1 if rank == 1 else None)
+    try:
+        opt.step()
+        out["raised"] = False
+    except NonFiniteGradientError:
+        out["raised"] = True
+    out["unchanged"] = all(
+        torch.equal(p, q) for p, q in zip(model.parameters(), before[0], strict=True)
+    ) and str(opt.state_dict()) == str(before[1])
+    opt.zero_grad()
+    fill_rows("gem", ddp, opt, x, y, ddp.no_sync)
+    opt.step()
+    out["after"] = [full(p) for p in model.parameters()]
+
+    # the same under a GradScaler: both ranks skip and back off identically
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = GEMProjector(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        constraints=1,
+        grad_scaler=scaler,
+        distributed=Replicated(),
+    )
+    start = [full(p) for p in model.parameters()]
+    x, y = batch(0, rank)
+    opt.zero_grad()
+    scaler.scale(loss(ddp, x[0], y[0])).backward()
+    with opt.constraint(), ddp.no_sync():
+        poison = float("nan") if rank == 1 else 1.0
+        scaler.scale(poison * loss(ddp, x[1], y[1])).backward()
+    scaler.step(opt)
+    scaler.update()
+    out["scaler_skipped"] = bool(opt.last_stats is not None and opt.last_stats.skipped)
+    out["scaler_unchanged"] = all(
+        torch.equal(p, q) for p, q in zip(model.parameters(), start, strict=True)
+    )
+    out["scale"] = scaler.get_scale()
+    return out
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        results: dict[str, Any] = {}
+        for name in NAMES:
+            results[f"ddp/{name}"] = train(name, "ddp", rank)
+            results[f"fsdp/{name}"] = train(name, "fsdp", rank)
+        for mode in ("ddp", "fsdp"):
+            for name in ("gem", "mgda"):
+                results[f"traffic/{mode}/{name}"] = step_traffic(mode, name, rank)
+        results["nan"] = nan_on_one_rank(rank)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    if not dist.is_available():
+        pytest.skip("this torch build has no torch.distributed")
+    out_dir = tmp_path_factory.mktemp("dist")
+    mp.start_processes(
+        worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True, start_method="fork"
+    )
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def assert_close(actual: list[Tensor], expected: list[Tensor]) -> None:
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("name", NAMES)
+def test_every_rank_takes_the_single_process_step(ranks, mode, name):
+    single = train(name, "single", None)
+    for r in range(WORLD):
+        assert_close(ranks[r][f"{mode}/{name}"], single)
+    # the ranks agree bit for bit, and the steps moved the parameters
+    for p, q in zip(ranks[0][f"{mode}/{name}"], ranks[1][f"{mode}/{name}"], strict=True):
+        assert torch.equal(p, q)
+    assert not all(
+        torch.equal(p, q) for p, q in zip(single, make_model().parameters(), strict=True)
+    )
+
+
+def test_one_collective_per_step(ranks):
+    p = sum(q.numel() for q in make_model().parameters())
+    for r in range(WORLD):
+        # DDP: the T - 1 constraint rows (GEM) or the T objective rows, in one all-reduce
+        assert ranks[r]["traffic/ddp/gem"] == [(T - 1) * p * 8]
+        assert ranks[r]["traffic/ddp/mgda"] == [T * p * 8]
+        # FSDP: the (rows x rows) Gram only; GEM's has the task row too
+        assert ranks[r]["traffic/fsdp/gem"] == [T * T * 8]
+        assert ranks[r]["traffic/fsdp/mgda"] == [(T + 1) ** 2 * 8]
+
+
+def test_nan_on_one_rank_stops_every_rank(ranks):
+    for r in range(WORLD):
+        nan = ranks[r]["nan"]
+        assert nan["raised"] and nan["unchanged"]
+        assert nan["scaler_skipped"] and nan["scaler_unchanged"]
+        assert nan["scale"] == 2.0**7
+    for p, q in zip(ranks[0]["nan"]["after"], ranks[1]["nan"]["after"], strict=True):
+        assert torch.equal(p, q)
+
+
+def test_a_bad_layout_is_refused_before_anything_is_built():
+    model = make_model()
+    with pytest.raises(TypeError, match="Replicated"):
+        GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), distributed="ddp")  # type: ignore[arg-type]
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), 2, distributed=Sharded())

@@ -154,7 +154,7 @@ def main() -> None:
         )
     result = run(model, bundle, methods, seeds, hyper)
     result["config"] = {
-        "model": str(model),
+        "model": str(model if model != SHIPPED else SHIPPED.relative_to(ROOT)),
         "source": bundle.source,
         "sources_of_multi_source_rows": list(bundle.train)[:2],
         "seeds": seeds,

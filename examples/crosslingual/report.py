@@ -108,7 +108,10 @@ def plot(summary: Summary, pretrained: dict[str, Any], source: str, path: Path) 
             ax.legend(loc="best", fontsize=8)
             low, high = min(low, line), max(high, line)
         margin = 0.15 * (high - low) or 1.0
-        ax.set_ylim(low - margin, high + margin)
+        low, high = low - margin, high + margin
+        if scale == 100.0:
+            low, high = max(low, 0.0), min(high, 100.0)
+        ax.set_ylim(low, high)
         ax.set_title(title, fontsize=10)
     for ax in axes[1]:
         ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)

@@ -122,6 +122,12 @@ def from_files(
 
     train_sets = {name: read_conllu(path) for name, path in _named(train, "--train").items()}
     test_sets = {name: read_conllu(path) for name, path in _named(test, "--test").items()}
+    source = next(iter(train_sets), None)
+    if source not in test_sets or len(test_sets) < 2:
+        raise ValueError(
+            f"--test needs the source language ({source}, the first --train) and at least "
+            f"one target language, got {sorted(test_sets)}"
+        )
     text_train, text_eval = split(list(read_text(memory)))
     pairs: list[SentencePair] = []
     pairs_eval: dict[str, list[SentencePair]] = {}

@@ -10,8 +10,10 @@ fp32 and fp64 blocks use one BLAS call each, with TF32 (or bf16 emulation on the
 switched off for the call even when the user enabled it globally: a Gram in TF32 carries
 only ~3 significant digits. fp16 and bf16 blocks are processed in chunks that are upcast to
 fp32, so the dot products and the combination are exact to fp32 and only the final write
-rounds to the gradient's own dtype; the temporary memory is ``r · CHUNK`` fp32 values,
-independent of the model size.
+rounds to the gradient's own dtype. Each chunk is upcast into one reused fp32 buffer of
+``r · CHUNK`` values on accelerators (large chunks: few kernel launches) and ``r ·
+CPU_CHUNK`` on the CPU (cache-sized: a fresh large buffer per chunk costs the CPU more in
+page faults than the arithmetic); either way independent of the model size.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import Tensor
 
 __all__ = [
     "CHUNK",
+    "CPU_CHUNK",
     "combine_",
     "compute_dtype",
     "cross",
@@ -32,6 +35,7 @@ __all__ = [
 ]
 
 CHUNK = 1 << 22
+CPU_CHUNK = 1 << 16
 _CPU_BLOCK = 4096
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _MATMUL_BACKENDS = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)  # type: ignore[attr-defined]
@@ -50,9 +54,16 @@ def ieee_fp32_matmul() -> Iterator[None]:
             backend.fp32_precision = precision
 
 
-def _slices(n: int) -> Iterator[slice]:
-    for start in range(0, n, CHUNK):
-        yield slice(start, min(start + CHUNK, n))
+def _upcast_chunks(block: Tensor) -> Iterator[tuple[slice, Tensor]]:
+    """Column slices of a low-precision ``block`` and their fp32 copies, in one reused buffer."""
+    rows, n = block.shape
+    width = CPU_CHUNK if block.device.type == "cpu" else CHUNK
+    buffer = torch.empty(rows, min(width, n), dtype=torch.float32, device=block.device)
+    for start in range(0, n, width):
+        part = slice(start, min(start + width, n))
+        chunk = buffer[:, : part.stop - start]
+        chunk.copy_(block[:, part])
+        yield part, chunk
 
 
 def _full_precision_gram(block: Tensor) -> Tensor:
@@ -81,8 +92,8 @@ def gram(block: Tensor) -> Tensor:
             acc = _full_precision_gram(block).double()
         else:
             acc = torch.zeros(rows, rows, dtype=torch.float64, device=block.device)
-            for part in _slices(block.shape[1]):
-                acc += _full_precision_gram(block[:, part].float())
+            for _, chunk in _upcast_chunks(block):
+                acc += _full_precision_gram(chunk)
     return (acc + acc.T) / 2
 
 
@@ -90,8 +101,9 @@ def cross(block: Tensor, vector: Tensor) -> Tensor:
     """Return ``block @ vector`` in float64 (the dot product of each row with ``vector``)."""
     if block.dtype in _LOW_PRECISION:
         acc = torch.zeros(block.shape[0], dtype=torch.float64, device=block.device)
-        for part in _slices(block.shape[1]):
-            acc += block[:, part].float() @ vector[part].float()
+        with ieee_fp32_matmul():
+            for part, chunk in _upcast_chunks(block):
+                acc += chunk @ vector[part].float()
         return acc
     with ieee_fp32_matmul():
         return (block @ vector).double()
@@ -105,16 +117,16 @@ def combine_(out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool) -
     ``block``. Returns ``out``.
     """
     beta = 1.0 if accumulate else 0.0
-    if block.dtype in _LOW_PRECISION:
+    with ieee_fp32_matmul():
+        if block.dtype not in _LOW_PRECISION:
+            return out.addmv_(block.T, weights.to(block.dtype), beta=beta)
         w = weights.float()
-        for part in _slices(block.shape[1]):
-            combined = block[:, part].float().T @ w
+        for part, chunk in _upcast_chunks(block):
+            combined = chunk.T @ w
             if accumulate:
                 combined += out[part].float()
             out[part].copy_(combined)
-        return out
-    with ieee_fp32_matmul():
-        return out.addmv_(block.T, weights.to(block.dtype), beta=beta)
+    return out
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

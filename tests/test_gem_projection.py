@@ -185,6 +185,7 @@ def test_float32_gradients(problem):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_dot_products_accumulate_in_fp32(dtype, monkeypatch):
     monkeypatch.setattr(gram, "CHUNK", 1000)  # several chunks
+    monkeypatch.setattr(gram, "CPU_CHUNK", 1000)
     torch.manual_seed(1)
     block = (torch.randn(3, 4500) * 0.1).to(dtype)
     exact = block.double() @ block.double().T

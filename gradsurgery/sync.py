@@ -10,7 +10,23 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["host_reads_are_free"]
+__all__ = ["SYNCING_OPS", "host_reads_are_free"]
+
+SYNCING_OPS = frozenset(
+    {
+        "aten._local_scalar_dense.default",
+        "aten.is_nonzero.default",
+        "aten.nonzero.default",
+        "aten.masked_select.default",
+        "aten._linalg_check_errors.default",
+        "aten.equal.default",
+        "aten.unique_dim.default",
+        "aten._unique2.default",
+    }
+)
+"""The aten operations that make a CUDA device wait for the host: reading a value,
+data-dependent shapes, error-checked linear algebra (used to count or forbid them on the
+CPU, where nothing waits)."""
 
 
 def host_reads_are_free(device: torch.device) -> bool:

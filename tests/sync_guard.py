@@ -16,17 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradsurgery.sync
-
-_SYNCING = {
-    "aten._local_scalar_dense.default",
-    "aten.is_nonzero.default",
-    "aten.nonzero.default",
-    "aten.masked_select.default",
-    "aten._linalg_check_errors.default",
-    "aten.equal.default",
-    "aten.unique_dim.default",
-    "aten._unique2.default",
-}
+from gradsurgery.sync import SYNCING_OPS
 
 
 class HostSyncError(AssertionError):
@@ -37,7 +27,7 @@ class _Guard(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         name = str(func)
-        if name in _SYNCING:
+        if name in SYNCING_OPS:
             raise HostSyncError(f"{name} synchronises with the host")
         if name == "aten.index.Tensor" and any(
             i is not None and i.dtype == torch.bool for i in args[1]

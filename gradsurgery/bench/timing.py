@@ -19,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradsurgery.sync
+from gradsurgery.sync import SYNCING_OPS
 
 __all__ = [
     "CLOCKS",
@@ -141,20 +142,6 @@ def transient_bytes(fn: Step, device: torch.device) -> int:
     return max((int(e.cpu_memory_usage) for e in prof.events()), default=0)
 
 
-# Operations that make a CUDA device wait for the host (reading a value, data-dependent
-# shapes, error-checked linear algebra).
-_SYNCING = {
-    "aten._local_scalar_dense.default",
-    "aten.is_nonzero.default",
-    "aten.nonzero.default",
-    "aten.masked_select.default",
-    "aten._linalg_check_errors.default",
-    "aten.equal.default",
-    "aten.unique_dim.default",
-    "aten._unique2.default",
-}
-
-
 class _Counter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
@@ -162,7 +149,7 @@ class _Counter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = str(func)
-        if name in _SYNCING or (
+        if name in SYNCING_OPS or (
             name == "aten.index.Tensor"
             and any(i is not None and i.dtype == torch.bool for i in args[1])
         ):

@@ -215,6 +215,16 @@ def test_alignment_loss_is_zero_for_the_frozen_copy_and_coinciding_pairs(tmp_pat
     assert alignment_loss(task, frozen, batch, pull_weight=0.0).item() > 1e-6
 
 
+def test_alignment_refuses_the_model_itself_or_a_copy_on_another_device(tmp_path: Path) -> None:
+    task, _ = task_and_mlm(len(tokenizer(tmp_path)))
+    batch = pairs_batch(tmp_path)
+    with pytest.raises(ValueError, match="copy of the model"):
+        alignment_loss(task, task, batch)
+    elsewhere = frozen_copy(task).to("meta")
+    with pytest.raises(ValueError, match="frozen copy on meta"):
+        alignment_loss(task, elsewhere, batch)
+
+
 def test_the_frozen_copy_gets_no_gradient_and_never_moves(tmp_path: Path) -> None:
     task, _ = task_and_mlm(len(tokenizer(tmp_path)))
     frozen = BertForTokenClassification(config(len(tokenizer(tmp_path))))

@@ -76,17 +76,17 @@ def alignment_loss(
         a batch without links contributes no pull term.
 
     Raises:
-        ValueError: a negative or non-finite weight, ``frozen is model``, or parameters on
-            more than one device.
+        ValueError: a negative or non-finite weight, ``frozen is model``, or the frozen
+            copy on another device than the model.
     """
     pull_weight = finite_number(pull_weight, "pull_weight", low=0)
     stay_weight = finite_number(stay_weight, "stay_weight", low=0)
     if frozen is model:
         raise ValueError("frozen must be a copy of the model (frozen_copy(model)), not the model")
-    devices = {p.device for p in (*model.parameters(), *frozen.parameters())}
-    if len(devices) > 1:
+    device, frozen_device = (next(m.parameters()).device for m in (model, frozen))
+    if device != frozen_device:
         raise ValueError(
-            f"the model and its frozen copy have parameters on {sorted(map(str, devices))}: "
+            f"the model is on {device} and its frozen copy on {frozen_device}: "
             "move the model first, then make frozen_copy(model), or move the copy too"
         )
     source = word_vectors(model, batch.source)

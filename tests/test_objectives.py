@@ -220,7 +220,8 @@ def test_alignment_refuses_the_model_itself_or_a_copy_on_another_device(tmp_path
     batch = pairs_batch(tmp_path)
     with pytest.raises(ValueError, match="copy of the model"):
         alignment_loss(task, task, batch)
-    elsewhere = frozen_copy(task).to("meta")
+    elsewhere: nn.Module = frozen_copy(task)
+    elsewhere.to(torch.device("meta"))
     with pytest.raises(ValueError, match="frozen copy on meta"):
         alignment_loss(task, elsewhere, batch)
 

@@ -34,7 +34,6 @@ A failure is an exception or no answer.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import warnings
@@ -47,6 +46,7 @@ import qpsolvers
 import torch
 
 from gradsurgery import qp, simplex_qp
+from gradsurgery.bench import report
 from tests import reference
 
 SOLVERS = ["daqp", "osqp", "quadprog", "clarabel"]
@@ -241,12 +241,7 @@ def main() -> None:
                         | {"unreferenced": unreferenced}
                     )
             print(f"T = {t}, degenerate = {degenerate}: done", flush=True)
-    table = markdown(rows, args.objectives)
-    print(table)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-        args.out.with_suffix(".md").write_text(table)
+    report.write(rows, markdown(rows, args.objectives), args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ on the CPU, including the rescaling and, for qpsolvers backends, the polishing s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import warnings
@@ -26,6 +25,7 @@ import torch
 from scipy.optimize import nnls
 
 from gradsurgery import qp
+from gradsurgery.bench import report
 
 SOLVERS = ["enumerate", "daqp", "quadprog", "osqp", "clarabel"]
 
@@ -110,12 +110,7 @@ def main() -> None:
                 continue
             for degenerate in (False, True):
                 rows.append(measure(solver, t, degenerate, args.count, seed=t))
-    table = markdown(rows)
-    print(table)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-        args.out.with_suffix(".md").write_text(table)
+    report.write(rows, markdown(rows), args.out)
 
 
 if __name__ == "__main__":

@@ -115,8 +115,13 @@ def check(distributed: object) -> None:
         )
 
 
-def broadcast_generator(generator: torch.Generator, distributed: Distributed) -> None:
-    """Give ``generator`` the state of the group's first rank's generator, on every rank."""
+def broadcast_generator(generator: torch.Generator, distributed: Distributed | None) -> None:
+    """Give ``generator`` the state of the group's first rank's generator, on every rank.
+
+    Nothing to do in one process (``distributed=None``).
+    """
+    if distributed is None:
+        return
     group = distributed.group
     state = [generator.get_state()]
     src = torch.distributed.get_global_rank(group, 0) if group is not None else 0

@@ -139,13 +139,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _write(doc: dict[str, Any], out: Path | None) -> None:
-    table = report.markdown(doc)
-    print(table)
+    report.write(doc, report.markdown(doc), out)
     if out is None:
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    out.with_suffix(".md").write_text(table)
     why = report.plot(doc, out.with_suffix(".png"))
     if why is not None:
         print(why, file=sys.stderr)

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown", "merge", "plot"]
+__all__ = ["markdown", "merge", "plot", "write"]
+
+
+def write(results: object, table: str, out: Path | None) -> None:
+    """Print ``table``; with ``out``, write ``OUT.json`` (``results``) and ``OUT.md``."""
+    print(table)
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text(table)
 
 
 def _ms(seconds: float) -> str:

@@ -74,8 +74,7 @@ class GradVac(MultiObjectiveOptimizer):
             validate=validate,
             distributed=distributed,
         )
-        if distributed is not None:
-            broadcast_generator(generator, distributed)
+        broadcast_generator(generator, distributed)
         self.beta = float(beta)
         self.granularity: Granularity = granularity
         self.generator = generator

@@ -79,8 +79,7 @@ class PCGrad(MultiObjectiveOptimizer):
             validate=validate,
             distributed=distributed,
         )
-        if distributed is not None:
-            broadcast_generator(generator, distributed)
+        broadcast_generator(generator, distributed)
         self.reduction = reduction
         self.generator = generator
 

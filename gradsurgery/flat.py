@@ -28,6 +28,7 @@ from torch import Tensor
 
 from gradsurgery import gram as _gram
 from gradsurgery import segments as _segments
+from gradsurgery.binding import BankChanges, alias, check_supported, signature, track
 from gradsurgery.segments import Segments
 
 __all__ = ["GradientBank", "local"]
@@ -65,6 +66,15 @@ def _as_grad(param: Tensor, view: Tensor) -> Tensor:
     return view
 
 
+def _copy_into(view: Tensor, grad: Tensor) -> None:
+    """``view ← grad``; a sparse gradient (``Embedding(sparse=True)``) is written densely."""
+    value = local(grad)
+    if value.layout == torch.strided:
+        view.copy_(value)
+    else:
+        view.zero_().add_(value)
+
+
 def _unique(params: Iterable[Tensor]) -> list[Tensor]:
     seen: set[int] = set()
     unique = []
@@ -78,14 +88,20 @@ def _unique(params: Iterable[Tensor]) -> list[Tensor]:
 class GradientBank:
     """Contiguous ``(rows, p)`` gradient storage for a set of parameters on one device.
 
+    Each ``.grad`` aliases its parameter's segment of a row (same memory, the parameter's
+    strides; not an autograd view, so ``p.grad.detach_()`` works). The bank also records,
+    per row, which parameters a backward pass reached since the row was last cleared (a
+    post-accumulate-grad hook per parameter, removed with the bank), so that a parameter
+    without a gradient can be handed to the inner optimizer as ``None``, as torch does.
+
     Args:
         params: the parameters; those with ``requires_grad=False`` are left out, duplicates
             are kept once. Gradients they already have are copied into row 0.
         rows: number of gradient rows (at least 1).
 
     Raises:
-        ValueError: no trainable parameter, parameters on several devices, a parameter that
-            is not a dense (strided) tensor, or ``rows < 1``.
+        ValueError: no trainable parameter, parameters on several devices or on the meta
+            device, a parameter that is not a dense (strided) real tensor, or ``rows < 1``.
     """
 
     def __init__(self, params: Iterable[Tensor], rows: int) -> None:
@@ -102,8 +118,7 @@ class GradientBank:
                 "parameters in their own optimizer"
             )
         for p in trainable:
-            if p.layout != torch.strided:
-                raise ValueError(f"parameter of layout {p.layout} is not supported; only dense")
+            check_supported(p)
         dtypes = list(dict.fromkeys(p.dtype for p in trainable))
         self.params: tuple[Tensor, ...] = tuple(
             p for dtype in dtypes for p in trainable if p.dtype == dtype
@@ -119,28 +134,42 @@ class GradientBank:
             )
             for dtype in dtypes
         )
+        self._sharded = _dtensor() is not None and any(local(p) is not p for p in self.params)
+        self._signatures = {id(p): signature(p) for p in self.params}
+        self._position = {id(p): i for i, p in enumerate(self.params)}
+        self._index: dict[int, tuple[int, slice]] = {}
         self._views: list[list[Tensor]] = [[] for _ in range(rows)]
         self._grads: list[list[Tensor]] = [[] for _ in range(rows)]
-        self._index: dict[int, tuple[int, slice]] = {}
+        self._pointers: list[list[int]] = [[] for _ in range(rows)]
         offset, block = 0, 0
         for p in self.params:
             if self.blocks[block].dtype != p.dtype:
                 offset, block = 0, block + 1
-            shape = local(p).shape
-            part = slice(offset, offset + shape.numel())
+            part = slice(offset, offset + local(p).numel())
             self._index[id(p)] = (block, part)
             for row in range(rows):
-                view = self.blocks[block][row, part].view(shape)
-                self._views[row].append(view)
-                self._grads[row].append(_as_grad(p, view))
+                self._append(row, p, alias(self.blocks[block][row], offset, local(p)))
             offset = part.stop
-        with torch.no_grad():
-            for p, view in zip(self.params, self._views[0], strict=True):
-                if p.grad is not None:
-                    view.copy_(local(p.grad))
-        self._segments: tuple[Segments, ...] | None = None
+        self._reached = [bytearray(len(self.params)) for _ in range(rows)]
         self.bound_row = 0
+        with torch.no_grad():
+            for i, (p, view) in enumerate(zip(self.params, self._views[0], strict=True)):
+                if p.grad is not None and p.grad.shape == p.shape:
+                    _copy_into(view, p.grad)
+                    self._reached[0][i] = 1
+        self._segments: tuple[Segments, ...] | None = None
+        self.close = track(self, self.params, self._mark)
         self.bind(0)
+
+    def _append(self, row: int, p: Tensor, view: Tensor) -> None:
+        self._views[row].append(view)
+        self._grads[row].append(_as_grad(p, view))
+        self._pointers[row].append(view.data_ptr())
+
+    def _mark(self, param: Tensor) -> None:
+        position = self._position.get(id(param))
+        if position is not None:
+            self._reached[self.bound_row][position] = 1
 
     @property
     def numel(self) -> int:
@@ -151,10 +180,19 @@ class GradientBank:
         """The views of ``row`` shaped like each parameter's local part, in :attr:`params` order."""
         return self._views[row]
 
+    def _intact(self, p: Tensor) -> bool:
+        """Whether ``p`` still has the dtype, device, shape and strides it was bound with."""
+        return signature(p) == self._signatures[id(p)]
+
     def bind(self, row: int) -> None:
-        """Point every parameter's ``.grad`` at its view into ``row``."""
+        """Point every parameter's ``.grad`` at its view into ``row``.
+
+        A parameter whose dtype, shape or layout changed since the bank was built is left
+        alone: only a rebuilt bank (:meth:`rebuilt`) can hold it.
+        """
         for p, grad in zip(self.params, self._grads[row], strict=True):
-            p.grad = grad
+            if self._intact(p):
+                p.grad = grad
         self.bound_row = row
 
     @contextmanager
@@ -176,42 +214,105 @@ class GradientBank:
         """Make every ``.grad`` a view into row 0 again; return how many had to be re-bound.
 
         A ``.grad`` stops being a view when code outside the wrapper replaces it, e.g.
-        ``model.zero_grad()`` (which sets it to ``None``) followed by a backward pass. Its
-        value is copied into row 0 (``None`` counts as zero), so nothing is lost.
+        ``model.zero_grad()`` (which sets it to ``None``) followed by a backward pass, or
+        ``Module._apply`` (``model.to(...)``) replacing its memory. Its value is copied into
+        row 0 (``None`` counts as zero and as no gradient), so nothing is lost.
         """
         return self.repair_row(0)
 
     def repair_row(self, row: int) -> int:
         """Like :meth:`repair`, for the views into ``row``."""
         repaired = 0
+        pointers = self._pointers[row]
         with torch.no_grad():
-            for p, view, bound in zip(self.params, self._views[row], self._grads[row], strict=True):
+            for i, (p, bound) in enumerate(zip(self.params, self._grads[row], strict=True)):
                 grad = p.grad
-                if grad is bound:
+                if grad is bound and self._pointer(grad) == pointers[i]:
+                    continue
+                if not self._intact(p):
                     continue
                 repaired += 1
+                if grad is bound:  # its memory was replaced: bind a fresh alias
+                    block, part = self._index[id(p)]
+                    view = alias(self.blocks[block][row], part.start, local(p))
+                    self._views[row][i], self._grads[row][i] = view, _as_grad(p, view)
+                    pointers[i] = view.data_ptr()
                 if grad is None:
-                    view.zero_()
+                    self._views[row][i].zero_()
+                    self._reached[row][i] = 0
                 else:
-                    view.copy_(local(grad))
-                p.grad = bound
+                    _copy_into(self._views[row][i], grad)
+                    self._reached[row][i] = 1
+                p.grad = self._grads[row][i]
         return repaired
+
+    def _pointer(self, grad: Tensor) -> int:
+        return local(grad).data_ptr() if self._sharded else grad.data_ptr()
+
+    def changes(self, params: Iterable[Tensor]) -> BankChanges:
+        """How the trainable ones among ``params`` differ from those the bank holds."""
+        return BankChanges.between(params, self.params, self._signatures)
 
     def owns(self, params: Iterable[Tensor]) -> bool:
         """Whether ``params`` are exactly the trainable parameters this bank was built for."""
-        trainable = [p for p in _unique(params) if p.requires_grad]
-        return len(trainable) == len(self.params) and all(id(p) in self._index for p in trainable)
+        return not self.changes(params)
 
     def rebuilt(self, params: Iterable[Tensor]) -> GradientBank:
-        """A new bank for ``params`` that keeps the rows of the parameters both hold."""
+        """A new bank for ``params`` that carries over what this one holds.
+
+        Must be called with gradients bound to row 0. Row 0 comes from each ``.grad``
+        (converted to the parameter's new dtype and layout); the other rows and the record
+        of which parameters got a gradient are carried for every parameter of unchanged
+        shape. A parameter that left (frozen) loses the bank's ``.grad`` (it becomes
+        ``None``); this bank's hooks are removed.
+        """
+        params = _unique(params)
+        before = {id(p): p.grad for p in params}
         new = GradientBank(params, self.rows)
         with torch.no_grad():
-            for p in new.params:
-                if id(p) in self._index:
-                    block, part = self._index[id(p)]
-                    new_block, new_part = new._index[id(p)]
-                    new.blocks[new_block][:, new_part].copy_(self.blocks[block][:, part])
+            for i, p in enumerate(new.params):
+                j = self._position.get(id(p))
+                if j is None:
+                    continue
+                if before[id(p)] is self._grads[0][j]:
+                    new._reached[0][i] = self._reached[0][j]
+                if p.shape != self._signatures[id(p)][2]:
+                    continue
+                for row in range(1, self.rows):
+                    _copy_into(new._views[row][i], self._views[row][j])
+                    new._reached[row][i] = self._reached[row][j]
+        for j, p in enumerate(self.params):
+            if id(p) not in new._position and any(p.grad is g[j] for g in self._grads):
+                p.grad = None
+        self.close()
         return new
+
+    def forget(self, rows: slice) -> None:
+        """Record that no parameter got a gradient in ``rows``."""
+        for reached in self._reached[rows]:
+            reached[:] = bytes(len(reached))
+
+    def holds_gradient(self, param: Tensor) -> bool:
+        """Whether ``param``'s ``.grad`` is its row-0 view and a backward pass reached it."""
+        i = self._position[id(param)]
+        return param.grad is self._grads[0][i] and bool(self._reached[0][i])
+
+    def without_gradient(self) -> list[int]:
+        """Positions in :attr:`params` of the parameters no backward pass reached in any row."""
+        return [
+            i for i in range(len(self.params)) if not any(reached[i] for reached in self._reached)
+        ]
+
+    @contextmanager
+    def withheld(self, positions: list[int]) -> Iterator[None]:
+        """Set ``.grad`` to ``None`` for the parameters at ``positions`` inside the block."""
+        for i in positions:
+            self.params[i].grad = None
+        try:
+            yield
+        finally:
+            for i in positions:
+                self.params[i].grad = self._grads[0][i]
 
     def zero_(self, rows: slice | int = slice(None)) -> None:
         """Set the given rows (default: all) to zero."""

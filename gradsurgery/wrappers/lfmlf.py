@@ -107,6 +107,10 @@ class ParetoLessForgetting(MultiObjectiveOptimizer):
         return 1 + len(self.row_names)
 
     @property
+    def _per_parameter_state(self) -> str | None:
+        return "LF-MLF's accumulated direction"
+
+    @property
     def stationary(self) -> bool:
         """Whether the last step found a Pareto-stationary point (and so did not update)."""
         if self.last_stats is None:

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
+from gradsurgery import binding
 from gradsurgery import distributed as _distributed
 from gradsurgery.distributed import Distributed
 from gradsurgery.flat import GradientBank
@@ -128,6 +129,11 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
                     "own the parameters' .grad; use one gradient surgery per optimizer"
                 )
             inner = inner.optimizer
+        if isinstance(inner, torch.optim.SparseAdam):
+            raise ValueError(
+                "SparseAdam needs sparse gradients, but a gradient surgery keeps dense ones "
+                "(one flat buffer); wrap Adam or AdamW instead"
+            )
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(
                 f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
@@ -142,31 +148,73 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         self._filled = [False] * len(self.row_names)
         self._stale = [False] * len(self.row_names)
         self._routing = False
+        self._broken = False
         self._pending: StatsT | None = None
         self.last_stats: StatsT | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the inner optimizer; its trainable parameters join the flat buffer."""
-        super().add_param_group(param_group)
-        self._refresh_bank()
+        """Add a group to the inner optimizer; its trainable parameters join the flat buffer.
+
+        Raises:
+            RuntimeError: the group has trainable parameters and extra rows already hold
+                gradients of this step (they would miss the new parameters' part).
+        """
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if any(p.requires_grad for p in params):
+            binding.refuse_unsafe(
+                binding.BankChanges(joined=tuple(params)),
+                started=any(self._filled),
+                pending=self._pending is not None,
+                holds_gradient=self._bank.holds_gradient,
+                per_parameter_state=None,
+                optimizer_state={},
+            )
+        super().add_param_group({**param_group, "params": params})
+        self._sync_bank()
 
     # -- gradients ---------------------------------------------------------------------
 
     @property
     def bank(self) -> GradientBank:
         """The flat gradient storage (row 0: ``.grad``; rows 1..k: the extra gradients)."""
-        self._refresh_bank()
+        self._sync_bank()
         return self._bank
 
     def _all_params(self) -> list[Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
-    def _refresh_bank(self) -> None:
-        """Rebuild the flat buffer if the set of trainable parameters changed."""
-        if not self._bank.owns(self._all_params()):
-            old, self._bank = self._bank, self._bank.rebuilt(self._all_params())
-            self._scaler_rows = _RowsForScaler(self._bank, len(self.row_names))
-            self._bank_rebuilt(old)
+    @property
+    def _per_parameter_state(self) -> str | None:
+        """What state the wrapper keeps per parameter entry across steps, if any (subclasses)."""
+        return None
+
+    def _sync_bank(self, *, discard: bool = False) -> None:
+        """Rebuild the flat buffer if the parameters changed (see ``docs/faq.md``).
+
+        With ``discard`` (from :meth:`zero_grad`) this step's gradients are about to be
+        cleared, so changes that would invalidate them are allowed.
+
+        Raises:
+            RuntimeError: a change that the buffer cannot follow without a wrong step.
+        """
+        if self._routing:
+            return
+        params = self._all_params()
+        changes = self._bank.changes(params)
+        if not changes:
+            return
+        binding.refuse_unsafe(
+            changes,
+            started=not discard and any(self._filled),
+            pending=not discard and self._pending is not None,
+            holds_gradient=(lambda p: False) if discard else self._bank.holds_gradient,
+            per_parameter_state=self._per_parameter_state,
+            optimizer_state=self.optimizer.state,
+        )
+        old, self._bank = self._bank, self._bank.rebuilt(params)
+        self._scaler_rows = _RowsForScaler(self._bank, len(self.row_names))
+        self._bank_rebuilt(old)
 
     def _bank_rebuilt(self, old: GradientBank) -> None:
         """Carry per-parameter state over to a rebuilt buffer (subclasses)."""
@@ -174,16 +222,28 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero ``.grad`` and every routed row in place.
 
-        ``set_to_none`` is accepted for compatibility and ignored: each ``.grad`` is a view
-        into the flat buffer and stays one, so a parameter that gets no gradient in a step
-        is stepped with a zero gradient.
+        Each ``.grad`` stays a view into the flat buffer. With ``set_to_none`` (the
+        default) every parameter also counts as having no gradient, as after torch's
+        ``zero_grad()``: one that no backward pass reaches before the next step (in any
+        row) is handed to the inner optimizer as ``None`` and not stepped (no momentum, no
+        weight decay). With ``set_to_none=False`` a parameter that had a gradient keeps a
+        zero one and is stepped with it, as in torch. Frozen parameters of the groups get
+        the same treatment.
         """
-        self._refresh_bank()
-        self._bank.zero_(slice(0, 1 + len(self.row_names)))  # internal rows hold state
+        self._sync_bank(discard=True)
+        bank = self._bank
+        bank.repair()
+        extra = slice(0, 1 + len(self.row_names))  # internal rows after them hold state
+        bank.zero_(extra)
+        bank.forget(extra if set_to_none else slice(1, extra.stop))
+        for p in self._all_params():
+            if not p.requires_grad and p.grad is not None:
+                p.grad = None if set_to_none else torch.zeros_like(p.grad)
         self._filled = [False] * len(self.row_names)
         self._stale = [False] * len(self.row_names)
         self._pending = None
         self._reduced = False
+        self._broken = False
 
     def _index(self, name: str | int | None) -> int:
         """The row of ``name`` (a name or an index; may be left out when there is one)."""
@@ -212,9 +272,11 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
                 "the rows were already averaged across ranks by a failed apply_surgery(); "
                 "call zero_grad() before computing new gradients"
             )
-        self._refresh_bank()
+        self._check_not_broken()
+        self._sync_bank()
         if self._stale[index]:
             self._bank.zero_(index + 1)
+            self._bank.forget(slice(index + 1, index + 2))
             self._stale[index] = False
         self._routing = True
         try:
@@ -222,7 +284,16 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
                 yield
         finally:
             self._routing = False
+            self._broken = bool(self._bank.changes(self._all_params()))
         self._filled[index] = True
+        self._check_not_broken()
+
+    def _check_not_broken(self) -> None:
+        if self._broken:
+            raise RuntimeError(
+                "a parameter's dtype, shape, layout or trainability changed inside a gradient "
+                "routing block; call zero_grad() and compute the step's gradients again"
+            )
 
     def _check_filled(self) -> None:
         missing = [
@@ -278,7 +349,8 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         if self._routing:
             raise RuntimeError("apply_surgery() was called inside a gradient routing block")
         self._check_filled()
-        self._refresh_bank()
+        self._check_not_broken()
+        self._sync_bank()
         self._bank.repair()
         if self.distributed is not None and not self._reduced:
             self.distributed.average_rows(self._bank, slice(1, 1 + len(self.row_names)))
@@ -302,8 +374,14 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
             with torch.enable_grad():
                 loss = closure()
         stats = self.apply_surgery()
+        self._sync_bank()
+        bank = self._bank
+        removed = [i for i, p in enumerate(bank.params) if p.grad is None]
+        bank.repair()  # a .grad the user replaced (their clipping) is what is stepped
+        withheld = sorted({*bank.without_gradient(), *removed})
         if not stats.skipped:
-            self.optimizer.step()
+            with bank.withheld(withheld):
+                self.optimizer.step()
         self.last_stats = stats
         self._pending = None
         self._reduced = False

@@ -1,0 +1,163 @@
+"""torch's semantics for a parameter that got no gradient: the inner optimizer skips it.
+
+Plain ``torch.optim`` steps only parameters whose ``.grad`` is not ``None``: an unused
+branch or a layer frozen mid-training is not moved, momentum does not move it and AdamW's
+weight decay does not shrink it. A wrapper must do the same, whichever way gradients were
+set to none (the wrapper's ``zero_grad``, the inner optimizer's, the model's). The
+constraint here is the task loss itself, so GEM never projects and the wrapper must equal
+the plain optimizer bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from gradsurgery import GEMProjector
+from gradsurgery.functional import gem_project
+
+OPTIMIZERS: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = {
+    "sgd_momentum": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    "adamw_decay": lambda params: torch.optim.AdamW(params, lr=0.05, weight_decay=0.5),
+}
+
+
+class TwoBranches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(3, 4)
+        self.heads = nn.ModuleList([nn.Linear(4, 1), nn.Linear(4, 1)])
+
+    def forward(self, x: Tensor, branches: tuple[int, ...]) -> Tensor:
+        h = torch.tanh(self.body(x))
+        return sum(self.heads[b](h) for b in branches).square().mean()
+
+
+def batch(step: int) -> Tensor:
+    return torch.randn(6, 3, generator=torch.Generator().manual_seed(step))
+
+
+def zero(net: nn.Module, opt: torch.optim.Optimizer, route: str, set_to_none: bool) -> None:
+    if route == "wrapper":
+        opt.zero_grad(set_to_none=set_to_none)
+    elif route == "inner":
+        getattr(opt, "optimizer", opt).zero_grad(set_to_none=set_to_none)
+    else:
+        net.zero_grad(set_to_none=set_to_none)
+
+
+def train(
+    make: Callable[[list[Tensor]], torch.optim.Optimizer],
+    wrapped: bool,
+    branches: Callable[[int], tuple[int, ...]],
+    route: str = "wrapper",
+    set_to_none: bool = True,
+    freeze_at: int | None = None,
+) -> TwoBranches:
+    net = TwoBranches()
+    inner = make(list(net.parameters()))
+    opt: torch.optim.Optimizer = GEMProjector(inner) if wrapped else inner
+    for step in range(5):
+        if step == freeze_at:
+            net.heads[1].requires_grad_(False)
+        zero(net, opt, route, set_to_none)
+        net(batch(step), branches(step)).backward()
+        if isinstance(opt, GEMProjector):
+            with opt.constraint():
+                net(batch(step), branches(step)).backward()
+        opt.step()
+    return net
+
+
+def assert_identical(a: nn.Module, b: nn.Module) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_an_unused_branch_is_not_stepped(optimizer):
+    make = OPTIMIZERS[optimizer]
+    net = train(make, True, lambda step: (0,))
+    assert_identical(net, train(make, False, lambda step: (0,)))
+    assert torch.equal(net.heads[1].weight, TwoBranches().heads[1].weight)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_a_layer_frozen_mid_training_is_not_stepped(optimizer):
+    make = OPTIMIZERS[optimizer]
+    net = train(make, True, lambda step: (0, 1), freeze_at=2)
+    assert_identical(net, train(make, False, lambda step: (0, 1), freeze_at=2))
+
+
+@pytest.mark.parametrize("route", ["wrapper", "inner", "model"])
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_a_branch_used_then_unused_follows_torch_for_each_way_of_zeroing(
+    optimizer, route, set_to_none
+):
+    def branches(step: int) -> tuple[int, ...]:
+        return (0, 1) if step < 2 else (0,)
+
+    make = OPTIMIZERS[optimizer]
+    net = train(make, True, branches, route, set_to_none)
+    assert_identical(net, train(make, False, branches, route, set_to_none))
+
+
+def conflicting(net: TwoBranches) -> Tensor:
+    return net(batch(1), (1,)) - 2 * net(batch(0), (0,))
+
+
+def test_a_parameter_reached_only_by_a_constraint_gets_the_projection():
+    net = TwoBranches()
+    opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1))
+    before = [p.detach().clone() for p in net.parameters()]
+    opt.zero_grad()
+    loss = net(batch(0), (0,))
+    loss.backward()
+    with opt.constraint():
+        conflicting(net).backward()  # reaches head 1, which the task does not
+    opt.step()
+    ref = TwoBranches()
+    params = list(ref.parameters())
+    task_grads = torch.autograd.grad(ref(batch(0), (0,)), params, allow_unused=True)
+    g = torch.cat(
+        [
+            (grad if grad is not None else torch.zeros_like(p)).flatten()
+            for p, grad in zip(params, task_grads, strict=True)
+        ]
+    )
+    g1 = torch.cat([grad.flatten() for grad in torch.autograd.grad(conflicting(ref), params)])
+    assert float(g @ g1) < 0  # the projection does change the step
+    x = gem_project(g.double(), g1.double().unsqueeze(0)).float()
+    expected = torch.cat([p.flatten() for p in before]) - 0.1 * x
+    moved = torch.cat([p.detach().flatten() for p in net.parameters()])
+    torch.testing.assert_close(moved, expected)
+    assert not torch.equal(net.heads[1].weight, before[4])
+
+
+def test_the_hooks_neither_pile_up_nor_keep_the_optimizer_alive():
+    net = TwoBranches()
+    opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1))
+    for step in range(3):
+        net.heads[1].requires_grad_(step % 2 == 0)  # a rebuild each step
+        opt.zero_grad()
+        net(batch(step), (0,)).backward()
+        with opt.constraint():
+            net(batch(step), (0,)).backward()
+        opt.step()
+    hooks = [len(p._post_accumulate_grad_hooks or {}) for p in net.parameters()]
+    assert max(hooks) <= 1
+    copied = copy.deepcopy(net)  # the copy does not report to this optimizer
+    assert all(not p._post_accumulate_grad_hooks for p in copied.parameters())
+    alive = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert alive() is None
+    net(batch(0), (0, 1)).backward()  # hooks of a dead bank are harmless

@@ -191,7 +191,7 @@ def lm_memory(net: nn.Module, step: int) -> Tensor:
 
 
 def test_vocabulary_growth_between_steps_rebuilds_the_buffer():
-    net, opt, ref, ref_opt = embedding_pair()
+    net, opt, ref, _ = embedding_pair()
     for step in range(4):
         if step == 2:
             grow(net)
@@ -222,7 +222,7 @@ def test_a_shape_change_after_the_backward_pass_is_refused_and_changes_nothing()
         lm_memory(net, 0).backward()
     grow(net)
     before = [p.detach().clone() for p in net.parameters()]
-    with pytest.raises(RuntimeError, match="changed shape .* after its gradient was computed"):
+    with pytest.raises(RuntimeError, match=r"changed shape .* after its gradient was computed"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before, strict=True))
     opt.zero_grad()  # the way out the message gives
@@ -292,7 +292,7 @@ def test_freezing_after_apply_surgery_is_refused():
         memory(net, 0).backward()
     opt.apply_surgery()
     net[0].requires_grad_(False)
-    with pytest.raises(RuntimeError, match="frozen .* after apply_surgery"):
+    with pytest.raises(RuntimeError, match=r"frozen .* after apply_surgery"):
         opt.step()
 
 
@@ -365,3 +365,51 @@ def test_a_change_inside_a_routing_block_is_refused_until_zero_grad():
         wrapped_step(net, opt, step)
         reference_step(ref, ref_opt, step)
     assert_same(net, ref)
+
+
+# -- parameters and gradients a flat buffer cannot hold ------------------------------------
+
+
+def test_complex_parameters_are_refused_at_construction():
+    param = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"complex parameters are not supported .*view_as_real"):
+        GEMProjector(torch.optim.SGD([param], lr=0.1))
+
+
+def test_meta_parameters_are_refused_at_construction():
+    net = nn.Linear(2, 2, device="meta")
+    with pytest.raises(ValueError, match=r"meta device .*to_empty"):
+        GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1))
+
+
+def test_sparse_adam_is_refused_at_construction():
+    net = nn.Embedding(5, 3, sparse=True)
+    with pytest.raises(ValueError, match="SparseAdam needs sparse gradients"):
+        GEMProjector(torch.optim.SparseAdam(net.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("route", ["wrapper", "model"])
+def test_sparse_embedding_gradients_are_held_densely_and_step_as_torch(route):
+    def build() -> nn.Embedding:
+        torch.manual_seed(0)
+        return nn.Embedding(6, 3, sparse=True)
+
+    net, ref = build(), build()
+    opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for step in range(4):
+        ids = torch.tensor([step % 6, 2, 2])
+        if route == "wrapper":
+            opt.zero_grad()
+        else:
+            net.zero_grad()  # the next backward stores a sparse .grad, taken back densely
+        net(ids).sum().backward()
+        with opt.constraint():
+            net(ids).sum().backward()  # the task itself: GEM does not project
+        opt.step()
+        ref_opt.zero_grad()
+        ref(ids).sum().backward()
+        assert ref.weight.grad.is_sparse
+        ref_opt.step()
+        torch.testing.assert_close(net.weight, ref.weight)
+    assert net.weight.grad.layout == torch.strided

@@ -161,3 +161,47 @@ def test_sparse_parameters_are_refused():
     sparse = nn.Parameter(torch.zeros(3, 3).to_sparse())
     with pytest.raises(ValueError, match="layout"):
         GradientBank([sparse], rows=1)
+
+
+def test_grads_alias_the_rows_without_being_views_and_keep_the_parameters_layout():
+    conv = nn.Conv2d(2, 3, 3).to(memory_format=torch.channels_last)
+    bank = GradientBank(conv.parameters(), rows=2)
+    assert not conv.weight.grad._is_view()
+    assert conv.weight.grad.stride() == conv.weight.stride()
+    conv.weight.grad.detach_()  # allowed on an alias, refused on a view
+    conv(torch.randn(1, 2, 5, 5)).sum().backward()
+    torch.testing.assert_close(
+        bank.blocks[0][0].sum(), sum(p.grad.sum() for p in conv.parameters())
+    )
+
+
+def test_changes_tell_joined_left_recast_and_reshaped_parameters_apart():
+    net = model()
+    bank = GradientBank(net.parameters(), rows=1)
+    assert not bank.changes(net.parameters())
+    net[0].bias.requires_grad_(False)
+    net[2].double()
+    net[0].weight.data = torch.zeros(5, 3)
+    extra = nn.Parameter(torch.zeros(2))
+    changes = bank.changes([*net.parameters(), extra])
+    assert changes.left == (net[0].bias,)
+    assert set(map(id, changes.recast)) == {id(net[2].weight), id(net[2].bias)}
+    assert changes.reshaped == (net[0].weight,)
+    assert changes.joined == (extra,)
+
+
+def test_a_rebuilt_bank_converts_rows_and_records_who_got_a_gradient():
+    net = model()
+    bank = GradientBank(net.parameters(), rows=2)
+    with bank.route(1):
+        loss(net, 0).backward()
+    rows = [v.clone() for v in bank.row_views(1)]
+    assert bank.without_gradient() == []
+    net.double()
+    new = bank.rebuilt(net.parameters())
+    assert new.blocks[0].dtype == torch.float64
+    for view, row in zip(new.row_views(1), rows, strict=True):
+        torch.testing.assert_close(view, row.double())
+    assert new.without_gradient() == []
+    new.forget(slice(None))
+    assert new.without_gradient() == list(range(len(new.params)))

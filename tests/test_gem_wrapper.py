@@ -601,3 +601,22 @@ def test_two_surgeries_cannot_be_stacked():
     inner = GEMProjector(torch.optim.SGD(mlp().parameters(), lr=0.1))
     with pytest.raises(ValueError, match="one gradient surgery"):
         GEMProjector(inner)
+
+
+def test_backward_constraint_leaves_parameters_outside_the_wrapper_alone():
+    rows, head_grads = [], []
+    for restricted in (True, False):
+        net = mlp()
+        head = torch.nn.Linear(3, 1)
+        opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1))
+        memory = head(net(torch.ones(2, 6))).square().sum()
+        if restricted:
+            opt.backward_constraint(memory)
+        else:
+            with opt.constraint():
+                memory.backward()
+        rows.append(opt.bank.blocks[0][1].clone())
+        head_grads.append(head.weight.grad)
+    assert head_grads[0] is None  # a head with its own optimizer gets nothing
+    assert head_grads[1] is not None  # inside the block, the memory loss reaches it
+    torch.testing.assert_close(rows[0], rows[1])

@@ -195,8 +195,24 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         """Send the gradients of backward passes inside the block to constraint ``name``.
 
         ``name`` is a constraint's name or index; it may be left out when there is one.
+        Only this wrapper's parameters are re-routed: a memory loss that also reaches
+        parameters outside it (a head with its own optimizer) adds to their ``.grad`` as
+        any backward pass does. Use :meth:`backward_constraint` to keep them out.
         """
         return self._route(self._index(name))
+
+    def backward_constraint(
+        self, loss: Tensor, name: str | int | None = None, *, retain_graph: bool = False
+    ) -> None:
+        """Backward of a memory loss into constraint ``name``, reaching only this wrapper.
+
+        The same as ``loss.backward()`` inside ``with opt.constraint(name):``, except that
+        the gradient is computed for this wrapper's trainable parameters only
+        (``backward(inputs=...)``): parameters outside it keep their ``.grad``. Autograd
+        then also skips the parts of the graph that lead only to them.
+        """
+        with self._route(self._index(name)):
+            torch.autograd.backward(loss, inputs=list(self._bank.params), retain_graph=retain_graph)
 
     def _surgery(self) -> GEMStats:
         bank = self._bank

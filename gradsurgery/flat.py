@@ -152,6 +152,7 @@ class GradientBank:
             offset = part.stop
         self._reached = [bytearray(len(self.params)) for _ in range(rows)]
         self.bound_row = 0
+        self.split = False
         with torch.no_grad():
             for i, (p, view) in enumerate(zip(self.params, self._views[0], strict=True)):
                 if p.grad is not None and p.grad.shape == p.shape:
@@ -184,31 +185,42 @@ class GradientBank:
         """Whether ``p`` still has the dtype, device, shape and strides it was bound with."""
         return signature(p) == self._signatures[id(p)]
 
-    def bind(self, row: int) -> None:
+    def bind(self, row: int) -> bool:
         """Point every parameter's ``.grad`` at its view into ``row``.
 
-        A parameter whose dtype, shape or layout changed since the bank was built is left
-        alone: only a rebuilt bank (:meth:`rebuilt`) can hold it.
+        A parameter whose dtype, shape or device changed since the bank was built cannot
+        take the view (torch refuses it) and is left alone: only a rebuilt bank
+        (:meth:`rebuilt`) can hold it. Returns whether every parameter was bound.
         """
+        bound = True
         for p, grad in zip(self.params, self._grads[row], strict=True):
-            if self._intact(p):
+            try:
                 p.grad = grad
+            except RuntimeError:
+                bound = False
         self.bound_row = row
+        return bound
 
     @contextmanager
     def route(self, row: int) -> Iterator[None]:
-        """Send the gradients of backward passes run inside the block into ``row``."""
+        """Send the gradients of backward passes run inside the block into ``row``.
+
+        If a parameter's dtype, shape or layout changes inside the block, its gradient is
+        left in two places; :attr:`split` tells so afterwards.
+        """
         if self.bound_row != 0:
             raise RuntimeError(
                 f"gradients are already routed to row {self.bound_row}; routing does not nest"
             )
+        self.split = False
         self.repair()
         self.bind(row)
         try:
             yield
         finally:
             self.repair_row(row)
-            self.bind(0)
+            if not self.bind(0):
+                self.split = True
 
     def repair(self) -> int:
         """Make every ``.grad`` a view into row 0 again; return how many had to be re-bound.
@@ -230,6 +242,7 @@ class GradientBank:
                 if grad is bound and self._pointer(grad) == pointers[i]:
                     continue
                 if not self._intact(p):
+                    self.split = True
                     continue
                 repaired += 1
                 if grad is bound:  # its memory was replaced: bind a fresh alias

@@ -284,7 +284,7 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
                 yield
         finally:
             self._routing = False
-            self._broken = bool(self._bank.changes(self._all_params()))
+            self._broken = self._bank.split
         self._filled[index] = True
         self._check_not_broken()
 
@@ -373,8 +373,10 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        surgery_ran_before = self._pending is not None
         stats = self.apply_surgery()
-        self._sync_bank()
+        if surgery_ran_before:
+            self._sync_bank()
         bank = self._bank
         removed = [i for i, p in enumerate(bank.params) if p.grad is None]
         bank.repair()  # a .grad the user replaced (their clipping) is what is stepped

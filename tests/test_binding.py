@@ -81,6 +81,7 @@ def assert_bound(opt: GEMProjector) -> None:
         block = next(b for b in bank.blocks if b.dtype == p.dtype)
         start = block.data_ptr()
         end = start + block.numel() * block.element_size()
+        assert p.grad is not None
         assert start <= p.grad.data_ptr() < end
 
 
@@ -163,7 +164,9 @@ def test_the_wrappers_state_survives_a_rebuild():
         torch.testing.assert_close(gradvac.targets[i], targets[id(p)])
 
 
-def embedding_pair(optimizer: type[torch.optim.Optimizer] = torch.optim.SGD):
+def embedding_pair(
+    optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
+) -> tuple[nn.Sequential, GEMProjector, nn.Sequential, torch.optim.Optimizer]:
     def build() -> nn.Sequential:
         torch.manual_seed(0)
         return nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 1))
@@ -177,17 +180,27 @@ def tokens(step: int) -> Tensor:
     return torch.tensor([step % 7, (3 * step + 1) % 7, 2])
 
 
-def grow(net: nn.Module) -> None:
-    weight = net[0].weight
+def vocabulary(net: nn.Sequential) -> int:
+    return int(embedding(net).weight.shape[0])
+
+
+def embedding(net: nn.Sequential) -> nn.Embedding:
+    first = net[0]
+    assert isinstance(first, nn.Embedding)
+    return first
+
+
+def grow(net: nn.Sequential) -> None:
+    weight = embedding(net).weight
     weight.data = torch.cat([weight.data, torch.full((2, 3), 0.5)])
 
 
-def lm_task(net: nn.Module, step: int) -> Tensor:
-    return (net(tokens(step) % net[0].weight.shape[0]) - 1).square().sum()
+def lm_task(net: nn.Sequential, step: int) -> Tensor:
+    return (net(tokens(step) % vocabulary(net)) - 1).square().sum()
 
 
-def lm_memory(net: nn.Module, step: int) -> Tensor:
-    return (net(tokens(step + 3) % net[0].weight.shape[0]) + 1).square().sum()
+def lm_memory(net: nn.Sequential, step: int) -> Tensor:
+    return (net(tokens(step + 3) % vocabulary(net)) + 1).square().sum()
 
 
 def test_vocabulary_growth_between_steps_rebuilds_the_buffer():

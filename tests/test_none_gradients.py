@@ -17,9 +17,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradsurgery import GEMProjector
+from gradsurgery.distributed import Replicated
 from gradsurgery.functional import gem_project
 
 OPTIMIZERS: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = {
@@ -161,3 +163,27 @@ def test_the_hooks_neither_pile_up_nor_keep_the_optimizer_alive():
     gc.collect()
     assert alive() is None
     net(batch(0), (0, 1)).backward()  # hooks of a dead bank are harmless
+
+
+def test_with_distributed_set_an_unreached_parameter_is_stepped_with_zero(tmp_path):
+    """Another rank may have reached it: skipping it here only would split the replicas."""
+
+    def branches(step: int) -> tuple[int, ...]:
+        return (0, 1) if step < 2 else (0,)
+
+    make = OPTIMIZERS["sgd_momentum"]
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        net = TwoBranches()
+        opt = GEMProjector(make(list(net.parameters())), distributed=Replicated())
+        for step in range(5):
+            opt.zero_grad()
+            net(batch(step), branches(step)).backward()
+            with opt.constraint():
+                net(batch(step), branches(step)).backward()
+            opt.step()
+    finally:
+        dist.destroy_process_group()
+    assert_identical(net, train(make, False, branches, "wrapper", set_to_none=False))

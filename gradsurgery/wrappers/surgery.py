@@ -291,7 +291,7 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
     def _check_not_broken(self) -> None:
         if self._broken:
             raise RuntimeError(
-                "a parameter's dtype, shape, layout or trainability changed inside a gradient "
+                "a parameter's dtype, device, shape or memory layout changed inside a gradient "
                 "routing block; call zero_grad() and compute the step's gradients again"
             )
 
@@ -380,7 +380,10 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         bank = self._bank
         removed = [i for i, p in enumerate(bank.params) if p.grad is None]
         bank.repair()  # a .grad the user replaced (their clipping) is what is stepped
-        withheld = sorted({*bank.without_gradient(), *removed})
+        # Which parameters a rank reached is local; telling the ranks apart would cost a
+        # host read, and withholding on one rank only would make the replicas diverge.
+        unreached = bank.without_gradient() if self.distributed is None else []
+        withheld = sorted({*unreached, *removed})
         if not stats.skipped:
             with bank.withheld(withheld):
                 self.optimizer.step()

@@ -336,3 +336,24 @@ def test_a_frozen_copy_of_the_state_is_independent():
     assert not torch.equal(
         torch.cat([v.flatten() for v in entry["accumulated"].values()]), opt.accumulated()
     )
+
+
+@pytest.mark.parametrize("cls", [Uniform, PCGrad, MGDA])
+def test_a_head_no_objective_reaches_is_not_stepped_and_per_language_heads_are(cls):
+    torch.manual_seed(0)
+    body = nn.Linear(4, 5)
+    heads = nn.ModuleList([nn.Linear(5, 1) for _ in range(3)])  # head 2: no objective
+    opt = cls(
+        torch.optim.AdamW([*body.parameters(), *heads.parameters()], lr=0.1, weight_decay=0.5),
+        ["en", "de"],
+    )
+    unused = [p.detach().clone() for p in heads[2].parameters()]
+    used = [p.detach().clone() for p in heads[1].parameters()]
+    for step in range(3):
+        x = torch.randn(6, 4, generator=torch.Generator().manual_seed(step))
+        h = torch.tanh(body(x))
+        opt.zero_grad()
+        opt.backward({"en": heads[0](h).square().mean(), "de": (heads[1](h) - 1).square().mean()})
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(heads[2].parameters(), unused, strict=True))
+    assert not any(torch.equal(p, q) for p, q in zip(heads[1].parameters(), used, strict=True))

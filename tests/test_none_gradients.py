@@ -18,6 +18,8 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from gradsurgery import GEMProjector
@@ -59,17 +61,23 @@ def train(
     make: Callable[[list[Tensor]], torch.optim.Optimizer],
     wrapped: bool,
     branches: Callable[[int], tuple[int, ...]],
-    route: str = "wrapper",
-    set_to_none: bool = True,
+    route: str | Callable[[int], str] = "wrapper",
+    set_to_none: bool | Callable[[int], bool] = True,
     freeze_at: int | None = None,
+    steps: int = 5,
 ) -> TwoBranches:
     net = TwoBranches()
     inner = make(list(net.parameters()))
     opt: torch.optim.Optimizer = GEMProjector(inner) if wrapped else inner
-    for step in range(5):
+    for step in range(steps):
         if step == freeze_at:
             net.heads[1].requires_grad_(False)
-        zero(net, opt, route, set_to_none)
+        zero(
+            net,
+            opt,
+            route(step) if callable(route) else route,
+            set_to_none(step) if callable(set_to_none) else set_to_none,
+        )
         net(batch(step), branches(step)).backward()
         if isinstance(opt, GEMProjector):
             with opt.constraint():
@@ -114,6 +122,30 @@ def test_a_branch_used_then_unused_follows_torch_for_each_way_of_zeroing(
 
 def conflicting(net: TwoBranches) -> Tensor:
     return net(batch(1), (1,)) - 2 * net(batch(0), (0,))
+
+
+@given(
+    optimizer=st.sampled_from(sorted(OPTIMIZERS)),
+    plan=st.lists(
+        st.tuples(
+            st.sampled_from([(0,), (1,), (0, 1)]),
+            st.sampled_from(["wrapper", "inner", "model"]),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+)
+def test_any_sequence_of_used_branches_and_zeroing_equals_torch(optimizer, plan):
+    """Random per-step branch use, zeroing route and ``set_to_none``: bit for bit as torch."""
+    make = OPTIMIZERS[optimizer]
+    options = {
+        "branches": lambda step: plan[step][0],
+        "route": lambda step: plan[step][1],
+        "set_to_none": lambda step: plan[step][2],
+        "steps": len(plan),
+    }
+    assert_identical(train(make, True, **options), train(make, False, **options))
 
 
 def test_a_parameter_reached_only_by_a_constraint_gets_the_projection():

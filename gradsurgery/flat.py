@@ -267,7 +267,10 @@ class GradientBank:
         return BankChanges.between(params, self.params, self._signatures)
 
     def owns(self, params: Iterable[Tensor]) -> bool:
-        """Whether ``params`` are exactly the trainable parameters this bank was built for."""
+        """Whether ``params`` are exactly the trainable parameters this bank was built for.
+
+        They must also still have the dtype, device, shape and memory layout they had then.
+        """
         return not self.changes(params)
 
     def rebuilt(self, params: Iterable[Tensor]) -> GradientBank:

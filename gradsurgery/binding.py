@@ -180,16 +180,27 @@ def refuse_unsafe(
 ) -> None:
     """Raise ``RuntimeError`` if the bank cannot follow ``changes`` without a wrong step.
 
-    A new dtype, device or memory layout is always followed (the rows are converted, as
-    ``Module._apply`` converts ``.grad``). A frozen parameter simply leaves the bank, unless
-    the step's surgery already ran (``pending``): the rewritten gradient of the remaining
-    ones is no longer guaranteed to satisfy the constraints. A parameter that becomes
+    A new dtype, device or memory layout is followed (the rows are converted, as
+    ``Module._apply`` converts ``.grad``), unless the inner optimizer keeps state on the
+    old device (its step would fail); state of the old dtype is left as torch leaves it.
+    A frozen parameter simply leaves the bank, unless the step's surgery already ran
+    (``pending``): the rewritten gradient of the remaining ones is no longer guaranteed to
+    satisfy the constraints. A parameter that becomes
     trainable once extra rows hold gradients (``started``) would miss its part of them. A
     new shape is refused while its old gradient is still to be used, when the wrapper keeps
     state of the old shape across steps (``per_parameter_state`` names it), or when the
     inner optimizer does.
     """
     redo = "call zero_grad() and compute the step's gradients again"
+    for p in changes.recast:
+        for key, value in optimizer_state.get(p, {}).items():
+            if isinstance(value, Tensor) and value.dim() > 0 and value.device != p.device:
+                raise RuntimeError(
+                    f"a parameter was moved to {p.device}, but the inner optimizer's state "
+                    f"{key!r} for it is on {value.device}; move it too with "
+                    "opt.load_state_dict(opt.state_dict()), or move the model before "
+                    "building the optimizer"
+                )
     if changes.joined and (started or pending):
         raise RuntimeError(
             "a parameter became trainable after this step's gradients were computed; its "

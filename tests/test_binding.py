@@ -426,3 +426,15 @@ def test_sparse_embedding_gradients_are_held_densely_and_step_as_torch(route):
         ref_opt.step()
         torch.testing.assert_close(net.weight, ref.weight)
     assert net.weight.grad.layout == torch.strided
+
+
+def test_a_device_change_the_inner_state_does_not_follow_is_refused():
+    net, opt, _, _ = pair()
+    wrapped_step(net, opt, 0)
+    weight = net[0].weight
+    opt.state[weight]["momentum_buffer"] = torch.zeros(weight.shape, device="meta")
+    net.double()  # a recast parameter whose state is on another device than its own
+    before = weight.detach().clone()
+    with pytest.raises(RuntimeError, match="state 'momentum_buffer' for it is on meta"):
+        opt.zero_grad()
+    assert torch.equal(weight, before)

@@ -438,3 +438,18 @@ def test_a_device_change_the_inner_state_does_not_follow_is_refused():
     with pytest.raises(RuntimeError, match="state 'momentum_buffer' for it is on meta"):
         opt.zero_grad()
     assert torch.equal(weight, before)
+
+
+def test_add_param_group_once_constraint_rows_are_filled_is_refused_and_adds_nothing():
+    net, opt, _, _ = pair()
+    extra = nn.Linear(2, 2)
+    opt.zero_grad()
+    task(net, 0).backward()
+    with opt.constraint():
+        memory(net, 0).backward()
+    with pytest.raises(RuntimeError, match="became trainable after this step's gradients"):
+        opt.add_param_group({"params": extra.parameters()})
+    assert len(opt.param_groups) == 1
+    opt.step()
+    opt.add_param_group({"params": extra.parameters()})  # between steps: joins the buffer
+    assert len(opt.bank.params) == len(list(net.parameters())) + 2

@@ -160,17 +160,21 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
                 gradients of this step (they would miss the new parameters' part).
         """
         params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        if any(p.requires_grad for p in params):
+        if isinstance(params, Tensor):
+            params = [params]
+        elif not isinstance(params, (list, tuple, set)):
+            params = list(params)  # a generator, read once here and once by torch
+        if any(isinstance(p, Tensor) and p.requires_grad for p in params):
             binding.refuse_unsafe(
-                binding.BankChanges(joined=tuple(params)),
+                binding.BankChanges(joined=tuple(p for p in params if p.requires_grad)),
                 started=any(self._filled),
                 pending=self._pending is not None,
                 holds_gradient=self._bank.holds_gradient,
                 per_parameter_state=None,
                 optimizer_state={},
             )
-        super().add_param_group({**param_group, "params": params})
+        param_group["params"] = params
+        super().add_param_group(param_group)
         self._sync_bank()
 
     # -- gradients ---------------------------------------------------------------------

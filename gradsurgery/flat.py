@@ -142,6 +142,29 @@ class GradientBank:
         self.bound_row = 0
         self.bind(0)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_views"], state["_grads"]  # views into the blocks: rebuilt from them
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a copy (``copy.deepcopy``, ``pickle``): re-key by the copied parameters."""
+        self.__dict__.update(state)
+        places = list(state["_index"].values())
+        self._index = {id(p): place for p, place in zip(self.params, places, strict=True)}
+        self._views = [
+            [
+                self.blocks[block][row, part].view(local(p).shape)
+                for p, (block, part) in zip(self.params, places, strict=True)
+            ]
+            for row in range(self.rows)
+        ]
+        self._grads = [
+            [_as_grad(p, view) for p, view in zip(self.params, views, strict=True)]
+            for views in self._views
+        ]
+        self.bind(self.bound_row)
+
     @property
     def numel(self) -> int:
         """Number of gradient entries in one row (``p``)."""

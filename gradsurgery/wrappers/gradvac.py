@@ -35,7 +35,7 @@ class GradVac(MultiObjectiveOptimizer):
 
     Args:
         optimizer: the inner optimizer.
-        objectives: number of objectives, or their names.
+        objectives: number of objectives, their names, or one name.
         beta: EMA rate of the targets, in (0, 1] (the paper's 1e-2).
         granularity: ``"model"`` (one cosine per pair) or ``"parameter"``.
         generator: CPU ``torch.Generator`` for the order of partners (saved in
@@ -54,7 +54,7 @@ class GradVac(MultiObjectiveOptimizer):
     def __init__(
         self,
         optimizer: Optimizer,
-        objectives: int | Sequence[str],
+        objectives: int | str | Sequence[str],
         *,
         beta: float = 1e-2,
         granularity: Granularity = "model",
@@ -79,6 +79,7 @@ class GradVac(MultiObjectiveOptimizer):
         self.granularity: Granularity = granularity
         self.generator = generator
         self.targets = self._zero_targets()
+        self._next_targets = self.targets
 
     def _zero_targets(self) -> Tensor:
         t = len(self.row_names)
@@ -104,8 +105,11 @@ class GradVac(MultiObjectiveOptimizer):
             if self.distributed is not None:
                 K = self.distributed.reduce_gram(K)
         orders = conflict_orders(len(self.row_names), self.generator)
-        C, self.targets = gradvac_coefficients(K, self.targets, orders, self.beta)
+        C, self._next_targets = gradvac_coefficients(K, self.targets, orders, self.beta)
         return Decision(C.sum(dim=-2), K)
+
+    def _after_apply(self) -> None:
+        self.targets = self._next_targets
 
     def _extra_state(self) -> dict[str, Any]:
         state = {**super()._extra_state(), "generator": self.generator.get_state()}

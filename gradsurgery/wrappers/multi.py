@@ -250,7 +250,7 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
             decision.gram,
             decision.weights,
             skipped=decision.skip,
-            extras=decision.extras,
+            extras=dict(decision.extras),
         )
 
     def _param_index(self) -> dict[int, int]:

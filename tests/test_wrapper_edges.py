@@ -1,0 +1,271 @@
+"""Edges of the wrappers: a rewritten gradient that overflows its dtype, inner optimizers
+that need a closure, copies and pickles of a wrapper, and a single row name."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from gradsurgery import (
+    MGDA,
+    GEMProjector,
+    GradVac,
+    NonFiniteGradientError,
+    ParetoLessForgetting,
+    PCGrad,
+    PhasedLR,
+    SurgeryOptimizer,
+    Uniform,
+)
+from gradsurgery.wrappers import overflow
+from tests.encoders import bert, tagging_loss
+from tests.test_scaler import BUILDERS, build, fill, identical, params
+
+pytestmark = pytest.mark.filterwarnings("ignore:GradScaler is going to stop:FutureWarning")
+
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+class Vector(nn.Module):
+    """One parameter ``w``; the loss ``⟨w, g⟩`` has gradient ``g`` exactly."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2, dtype=dtype))
+
+    def loss(self, g: list[float]) -> Tensor:
+        return (self.w * torch.tensor(g, dtype=self.w.dtype)).sum()
+
+
+# -- a rewritten gradient that overflows ------------------------------------------------------
+
+
+def gem_fp16_step(a: float) -> GEMProjector:
+    vec = Vector(torch.float16)
+    opt = GEMProjector(torch.optim.SGD(vec.parameters(), lr=1e-6))
+    vec.loss([a, a]).backward()
+    with opt.constraint():
+        vec.loss([1.0, -3.0]).backward()
+    return opt
+
+
+def test_the_reported_fp16_projection_is_refused_before_anything_changes():
+    vec = Vector(torch.float16)
+    opt = GEMProjector(torch.optim.SGD(vec.parameters(), lr=1.0))
+    vec.loss([6e4, 6e4]).backward()
+    with opt.constraint():
+        vec.loss([1.0, -3.0]).backward()
+    with pytest.raises(NonFiniteGradientError, match="overflows the parameters' dtype"):
+        opt.step()
+    assert torch.equal(vec.w, torch.zeros(2, dtype=torch.float16))
+    assert vec.w.grad is not None
+    assert torch.equal(vec.w.grad, torch.tensor([6e4, 6e4], dtype=torch.float16))
+
+
+@pytest.mark.parametrize("a", [3e4, 5.4e4, 5.45e4, 5.46e4, 5.47e4, 5.5e4, 6.5e4])
+def test_gem_refuses_exactly_the_fp16_projections_that_overflow(a):
+    # x = g − (⟨g, g₁⟩/‖g₁‖²) g₁ = (1.2a, 0.4a), computed here in float64 from the fp16 inputs
+    g = torch.tensor([a, a], dtype=torch.float16).double()
+    g1 = torch.tensor([1.0, -3.0], dtype=torch.float64)
+    x = g - (g @ g1) / (g1 @ g1) * g1
+    overflows = bool(torch.isinf(x.half()).any())
+    opt = gem_fp16_step(a)
+    if overflows:
+        with pytest.raises(NonFiniteGradientError, match="overflows"):
+            opt.step()
+    else:
+        opt.step()
+        assert torch.isfinite(opt.bank.blocks[0][0]).all()
+        torch.testing.assert_close(opt.bank.blocks[0][0].double(), x, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "gradvac"])
+def test_a_sum_of_objectives_that_overflows_fp16_is_refused(name):
+    vec = Vector(torch.float16)
+    sgd = torch.optim.SGD(vec.parameters(), lr=1e-6)
+    opt: SurgeryOptimizer[Any] = PCGrad(sgd, 2) if name == "pcgrad" else GradVac(sgd, 2)
+    opt.backward([vec.loss([4e4, 1.0]), vec.loss([4e4, 2.0])])  # type: ignore[attr-defined]
+    with pytest.raises(NonFiniteGradientError, match="overflows"):
+        opt.step()
+    assert torch.equal(vec.w, torch.zeros(2, dtype=torch.float16))
+    assert torch.equal(opt.bank.blocks[0][0], torch.zeros(2, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("wrapper", [Uniform, MGDA, ParetoLessForgetting])
+def test_a_convex_combination_of_large_fp16_gradients_steps(wrapper):
+    vec = Vector(torch.float16)
+    opt = wrapper(torch.optim.SGD(vec.parameters(), lr=1e-6), 2)
+    opt.backward([vec.loss([6e4, 1.0]), vec.loss([6.5e4, 2.0])])
+    opt.step()
+    assert torch.isfinite(vec.w).all() and (vec.w != 0).any()
+
+
+def huge_margin_step(grad_scaler: torch.amp.GradScaler | None) -> tuple[Vector, GEMProjector]:
+    # fp32: v ≥ margin = 1e30 times ‖g₁‖ ≈ 1.4e10 overflows although the Gram is finite
+    vec = Vector(torch.float32)
+    opt = GEMProjector(
+        torch.optim.SGD(vec.parameters(), lr=1.0), 1e30, grad_scaler=grad_scaler
+    )
+    scale = grad_scaler.scale if grad_scaler is not None else (lambda loss: loss)
+    scale(vec.loss([1.0, 2.0])).backward()
+    with opt.constraint():
+        scale(vec.loss([1e10, -1e10])).backward()
+    return vec, opt
+
+
+def test_an_fp32_projection_that_overflows_is_refused():
+    vec, opt = huge_margin_step(None)
+    with pytest.raises(NonFiniteGradientError, match="overflows"):
+        opt.step()
+    assert torch.equal(vec.w, torch.zeros(2))
+
+
+def test_an_overflowing_projection_under_a_scaler_is_skipped_and_backs_off():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    vec, opt = huge_margin_step(scaler)
+    scaler.step(opt)
+    scaler.update()
+    assert opt.last_stats is not None and opt.last_stats.skipped
+    assert torch.equal(vec.w, torch.zeros(2))
+    assert scaler.get_scale() == 2.0**9
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_a_step_whose_bound_fits_makes_no_extra_pass(name, monkeypatch):
+    def no_pass(*args: Any, **kwargs: Any) -> Tensor:
+        raise AssertionError("an extra pass over the gradients")
+
+    monkeypatch.setattr(overflow, "combine_overflows", no_pass)
+    monkeypatch.setattr(overflow, "row0_finite", no_pass)
+    net, opt = build(name)
+    for step in range(3):
+        opt.zero_grad()
+        fill(name, net, opt, step)
+        opt.step()
+
+
+# -- inner optimizers that need a closure -----------------------------------------------------
+
+
+class NeedsClosure(torch.optim.SGD):
+    def step(self, closure: Any) -> Any:  # type: ignore[override]
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("inner", [torch.optim.LBFGS, NeedsClosure])
+def test_an_inner_optimizer_whose_step_needs_a_closure_is_refused(name, inner):
+    net = nn.Linear(3, 1)
+    with pytest.raises(ValueError, match="requires a closure"):
+        BUILDERS[name](inner(net.parameters(), lr=0.1))
+
+
+# -- copies ------------------------------------------------------------------------------------
+
+
+def copy_with(how: str, pair: Any) -> Any:
+    if how == "deepcopy":
+        return copy.deepcopy(pair)
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(pair))
+    buffer = io.BytesIO()
+    torch.save(pair, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_a_copy_of_model_and_wrapper_is_an_independent_working_pair(name, how):
+    net, opt = build(name)
+    for step in range(2):
+        opt.zero_grad()
+        fill(name, net, opt, step)
+        opt.step()
+    net_copy, opt_copy = copy_with(how, (net, opt))
+    assert type(opt_copy) is type(opt) and opt_copy.row_names == opt.row_names
+    assert repr(opt_copy) == repr(opt)
+    blocks = {block.untyped_storage().data_ptr() for block in opt_copy.bank.blocks}
+    for p in net_copy.parameters():
+        assert p.grad is not None and p.grad.untyped_storage().data_ptr() in blocks
+    assert opt_copy.state[next(iter(net_copy.parameters()))]["step"] == 2
+    at_copy = params(net)
+    for step in range(2, 4):  # the copy goes on; the original must not move
+        opt_copy.zero_grad()
+        fill(name, net_copy, opt_copy, step)
+        opt_copy.step()
+    assert identical(params(net), at_copy)
+    for step in range(2, 4):
+        opt.zero_grad()
+        fill(name, net, opt, step)
+        opt.step()
+    assert identical(params(net_copy), params(net))
+
+
+def test_a_copy_carries_rows_filled_mid_step():
+    net, opt = build("gem")
+    fill("gem", net, opt, 0)
+    net_copy, opt_copy = copy.deepcopy((net, opt))
+    opt.step()
+    opt_copy.step()
+    assert identical(params(net_copy), params(net))
+
+
+def test_a_stack_around_a_surgery_is_copied_whole():
+    net = bert(2)
+    gem = GEMProjector(torch.optim.AdamW(net.parameters(), lr=0.01))
+    opt = PhasedLR(gem, net, window=2)
+    pairs = [(net, opt, gem)]
+    pairs.append(copy.deepcopy(pairs[0]))
+    for step in range(2):
+        for model, phased, surgery in pairs:
+            phased.zero_grad()
+            tagging_loss(model, step).backward()
+            with surgery.constraint():
+                tagging_loss(model, step, shift=1).backward()
+            phased.observe(1.0 / (step + 1))
+            phased.step()
+    assert pairs[1][1].optimizer is pairs[1][2] and pairs[1][2].wrapped_by is pairs[1][1]
+    assert identical(params(pairs[0][0]), params(pairs[1][0]))
+
+
+# -- one name ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "wrapper",
+    [
+        lambda opt, names: GEMProjector(opt, constraints=names),
+        lambda opt, names: Uniform(opt, names),
+        lambda opt, names: PCGrad(opt, names),
+        lambda opt, names: GradVac(opt, names),
+        lambda opt, names: MGDA(opt, names),
+        lambda opt, names: MGDA(opt, names, solver="daqp"),
+        lambda opt, names: ParetoLessForgetting(opt, names),
+    ],
+)
+def test_a_single_string_is_one_name(wrapper):
+    net = nn.Linear(3, 1)
+    opt = wrapper(torch.optim.SGD(net.parameters(), lr=0.1), "memory")
+    assert opt.row_names == ("memory",)
+    with pytest.raises(ValueError, match="a count or names"):
+        wrapper(torch.optim.SGD(net.parameters(), lr=0.1), True)
+
+
+def test_a_single_constraint_name_routes_and_projects():
+    net, ref = nn.Linear(3, 1), nn.Linear(3, 1)
+    ref.load_state_dict(net.state_dict())
+    opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1), constraints="memory")
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    net(x).sum().backward()
+    with opt.constraint("memory"):
+        (-net(x).sum()).backward()
+    opt.step()
+    assert opt.last_stats is not None and bool(opt.last_stats.projected)
+    torch.testing.assert_close(net.weight, ref.weight)  # g and −g: the projection is 0

@@ -90,7 +90,7 @@ def test_a_sum_of_objectives_that_overflows_fp16_is_refused(name):
     vec = Vector(torch.float16)
     sgd = torch.optim.SGD(vec.parameters(), lr=1e-6)
     opt: SurgeryOptimizer[Any] = PCGrad(sgd, 2) if name == "pcgrad" else GradVac(sgd, 2)
-    opt.backward([vec.loss([4e4, 1.0]), vec.loss([4e4, 2.0])])  # type: ignore[attr-defined]
+    opt.backward([vec.loss([4e4, 1.0]), vec.loss([4e4, 2.0])])
     with pytest.raises(NonFiniteGradientError, match="overflows"):
         opt.step()
     assert torch.equal(vec.w, torch.zeros(2, dtype=torch.float16))
@@ -109,9 +109,7 @@ def test_a_convex_combination_of_large_fp16_gradients_steps(wrapper):
 def huge_margin_step(grad_scaler: torch.amp.GradScaler | None) -> tuple[Vector, GEMProjector]:
     # fp32: v ≥ margin = 1e30 times ‖g₁‖ ≈ 1.4e10 overflows although the Gram is finite
     vec = Vector(torch.float32)
-    opt = GEMProjector(
-        torch.optim.SGD(vec.parameters(), lr=1.0), 1e30, grad_scaler=grad_scaler
-    )
+    opt = GEMProjector(torch.optim.SGD(vec.parameters(), lr=1.0), 1e30, grad_scaler=grad_scaler)
     scale = grad_scaler.scale if grad_scaler is not None else (lambda loss: loss)
     scale(vec.loss([1.0, 2.0])).backward()
     with opt.constraint():

@@ -80,29 +80,28 @@ def step_scaler(optimizer: WrappedOptimizer, given: GradScaler | None) -> GradSc
     """
     own: GradScaler | None = getattr(optimizer, "grad_scaler", None)
     name = type(optimizer).__name__
-    mismatch = (
-        f"{name} was given one GradScaler (grad_scaler=) but another one steps it; "
-        "use the scaler that scales the backward passes for both (or pass none: "
-        "scaler.step(optimizer) hands it over); nothing was changed"
-    )
-    if given is not None:
-        if own is not None and given is not own:
-            raise RuntimeError(mismatch)
-        return given
     stack = _stack(optimizer)
-    if not any("found_inf" in vars(wrapper) for wrapper in stack):
+    if given is not None:
+        mismatched = own is not None and given is not own
+    elif not any("found_inf" in vars(wrapper) for wrapper in stack):
         return own
-    if own is None:
+    elif own is None:
         raise RuntimeError(
             f"a GradScaler steps {name} without handing itself over (e.g. through "
             "accelerate's optimizer wrapper), so the constraint and objective rows would "
             f"stay scaled: pass the scaler as grad_scaler= to {name}; nothing was changed"
         )
-    if own.is_enabled() and not any(
-        (state := _state(own, wrapper)) and state["found_inf_per_device"] for wrapper in stack
-    ):
-        raise RuntimeError(mismatch)
-    return own
+    else:  # the stepping scaler has checked row 0 for overflow: it must be ``own``
+        mismatched = own.is_enabled() and not any(
+            (state := _state(own, wrapper)) and state["found_inf_per_device"] for wrapper in stack
+        )
+    if mismatched:
+        raise RuntimeError(
+            f"{name} was given one GradScaler (grad_scaler=) but another one steps it; "
+            "use the scaler that scales the backward passes for both (or pass none: "
+            "scaler.step(optimizer) hands it over); nothing was changed"
+        )
+    return given if given is not None else own
 
 
 def unscale(scaler: GradScaler, optimizer: WrappedOptimizer, rows: RowsForScaler) -> None:

@@ -41,7 +41,9 @@ class GradVac(MultiObjectiveOptimizer):
         generator: CPU ``torch.Generator`` for the order of partners (saved in
             ``state_dict``).
         grad_scaler: the ``torch.amp.GradScaler`` scaling every backward pass, if any.
-        validate: raise on NaN/Inf gradients and stray backward passes.
+        validate: raise on NaN/Inf gradients, stray backward passes and a combination
+            that would overflow the parameters' dtype (GradVac's weights have no a priori
+            bound, so this reads one more scalar per step: ``Σ_t |w_t| ‖g_t‖``).
         distributed: ``None``, :class:`~gradsurgery.distributed.Replicated` (DDP) or
             :class:`~gradsurgery.distributed.Sharded` (FSDP2); the generator's state
             is then broadcast from the group's first rank.

@@ -8,8 +8,11 @@ import io
 import pickle
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from gradsurgery import (
@@ -24,6 +27,7 @@ from gradsurgery import (
     Uniform,
 )
 from gradsurgery.wrappers import overflow
+from tests import reference
 from tests.encoders import bert, tagging_loss
 from tests.test_scaler import BUILDERS, build, fill, identical, params
 
@@ -267,3 +271,81 @@ def test_a_single_constraint_name_routes_and_projects():
     opt.step()
     assert opt.last_stats is not None and bool(opt.last_stats.projected)
     torch.testing.assert_close(net.weight, ref.weight)  # g and −g: the projection is 0
+
+
+# -- the overflow check against a float64 reference ------------------------------------------
+
+
+@st.composite
+def fp16_rows(draw: st.DrawFn, rows: int) -> np.ndarray:
+    """``rows`` fp16-representable vectors of 2..5 entries, often near fp16's largest value:
+    random scales, all large, aligned with the first (sums overflow) or conflicting with it
+    through small integer rows (projections overflow, as in g = [6e4, 6e4], g₁ = [1, −3])."""
+    p = draw(st.integers(2, 5))
+    structure = draw(st.sampled_from(["random", "large", "aligned", "conflict"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    signs = rng.choice([-1.0, 1.0], size=(rows, p))
+    if structure == "random":
+        values = signs * 10.0 ** rng.uniform(-1, np.log10(6.5e4), size=(rows, p))
+    else:
+        values = signs * rng.uniform(2e4, 6.5e4, size=(rows, p))
+    if structure == "aligned":
+        values[1:] = values[0] * rng.uniform(0.3, 1.0, size=(rows - 1, 1))
+    if structure == "conflict":
+        values[0] = rng.uniform(3e4, 6.5e4, size=p)
+        values[1:] = -rng.integers(0, 5, size=(rows - 1, p))
+        values[1:, rng.integers(p)] = rng.integers(1, 5, size=rows - 1)
+    return values.astype(np.float16).astype(np.float64)
+
+
+def classify(x: np.ndarray) -> str:
+    """``"overflows"``/``"fits"`` when clear of the rounding band around fp16's largest value."""
+    largest = float(np.abs(x).max())
+    if largest > 65520 * 1.01:
+        return "overflows"
+    if largest < FP16_MAX * 0.99:
+        return "fits"
+    return "either"
+
+
+@given(rows=fp16_rows(2))
+def test_gem_in_fp16_raises_exactly_when_the_exact_projection_overflows(rows):
+    g, g1 = rows
+    x = reference.project(g, g1[None])
+    vec = Vector(torch.float16)
+    vec.w.data = torch.zeros(len(g), dtype=torch.float16)
+    opt = GEMProjector(torch.optim.SGD(vec.parameters(), lr=0.0), solver="closed_form")
+    vec.loss(list(g)).backward()
+    with opt.constraint():
+        vec.loss(list(g1)).backward()
+    expected = classify(x)
+    try:
+        opt.step()
+    except NonFiniteGradientError:
+        assert expected != "fits"
+        assert torch.equal(vec.w.grad.double(), torch.tensor(g))  # nothing changed
+        return
+    assert expected != "overflows"
+    grad = vec.w.grad.double().numpy()
+    assert np.isfinite(grad).all()
+    np.testing.assert_allclose(grad, x, rtol=0, atol=2e-3 * np.abs(g).max() + 1e-3)
+
+
+@given(rows=fp16_rows(2))
+def test_pcgrad_in_fp16_raises_exactly_when_the_exact_sum_overflows(rows):
+    d = reference.pcgrad(rows, np.array([[1], [0]])).sum(axis=0)
+    vec = Vector(torch.float16)
+    vec.w.data = torch.zeros(rows.shape[1], dtype=torch.float16)
+    opt = PCGrad(torch.optim.SGD(vec.parameters(), lr=0.0), 2)
+    opt.backward([vec.loss(list(row)) for row in rows])
+    expected = classify(d)
+    try:
+        opt.step()
+    except NonFiniteGradientError:
+        assert expected != "fits"
+        assert not vec.w.grad.any()  # row 0 is left as it was: zero
+        return
+    assert expected != "overflows"
+    grad = vec.w.grad.double().numpy()
+    assert np.isfinite(grad).all()
+    np.testing.assert_allclose(grad, d, rtol=0, atol=2e-3 * np.abs(rows).max() + 1e-3)

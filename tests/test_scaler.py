@@ -208,6 +208,21 @@ def test_a_failed_inner_step_then_zeroing_through_the_model_starts_a_new_step(na
     assert identical(params(net), plain_run(name, range(1, 3)))
 
 
+def test_a_retry_after_zeroing_through_the_model_is_refused_not_stepped_unprojected():
+    net, opt = build("gem")
+    fill("gem", net, opt, 0)
+    opt.optimizer.step = failing_step
+    with pytest.raises(OSError, match="disk"):
+        opt.step()
+    del opt.optimizer.step
+    net.zero_grad()
+    losses(net, 1)[0].backward()  # a new task gradient, but no constraint gradient
+    before = params(net)
+    with pytest.raises(RuntimeError, match="no gradient for constraint '0', '1'"):
+        opt.step()
+    assert identical(params(net), before)
+
+
 def test_a_refused_step_does_not_accumulate_into_the_next():
     net, opt = build("gem")
     fill("gem", net, opt, 0)

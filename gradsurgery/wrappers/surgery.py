@@ -133,6 +133,7 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         self._routing = False
         self._pending: StatsT | None = None
         self._pending_scaler: torch.amp.GradScaler | None = None
+        self._retrying = False
         self._step_scaler: torch.amp.GradScaler | None = None
         self.last_stats: StatsT | None = None
 
@@ -309,6 +310,7 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
     def _end_step(self) -> None:
         """Every row is stale: the next backward into it starts from zero."""
         self._pending = None
+        self._retrying = False
         self._reduced = False
         self._filled = [False] * len(self.row_names)
         self._stale = [True] * len(self.row_names)
@@ -346,9 +348,15 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
                 "on still scaled gradients: pass the scaler as grad_scaler= to the wrapper; "
                 "nothing was stepped, zero the gradients and compute the step again"
             )
+        if self._pending is not None and self._retrying and self._bank.repair() > 0:
+            self._end_step()  # .grad was zeroed or replaced since: the surgery's result is gone
         stats = self._apply_surgery(scaler)
         if not stats.skipped:
-            self.optimizer.step()
+            try:
+                self.optimizer.step()
+            except BaseException:
+                self._retrying = True
+                raise
         self.last_stats = stats
         self._end_step()
         return loss

@@ -95,10 +95,12 @@ def test_a_sum_of_objectives_that_overflows_fp16_is_refused(name):
     sgd = torch.optim.SGD(vec.parameters(), lr=1e-6)
     opt: SurgeryOptimizer[Any] = PCGrad(sgd, 2) if name == "pcgrad" else GradVac(sgd, 2)
     opt.backward([vec.loss([4e4, 1.0]), vec.loss([4e4, 2.0])])
+    drawn = opt.generator.get_state()
     with pytest.raises(NonFiniteGradientError, match="overflows"):
         opt.step()
     assert torch.equal(vec.w, torch.zeros(2, dtype=torch.float16))
     assert torch.equal(opt.bank.blocks[0][0], torch.zeros(2, dtype=torch.float16))
+    assert torch.equal(opt.generator.get_state(), drawn)
 
 
 @pytest.mark.parametrize("wrapper", [Uniform, MGDA, ParetoLessForgetting])
@@ -110,9 +112,11 @@ def test_a_convex_combination_of_large_fp16_gradients_steps(wrapper):
     assert torch.isfinite(vec.w).all() and (vec.w != 0).any()
 
 
-def huge_margin_step(grad_scaler: torch.amp.GradScaler | None) -> tuple[Vector, GEMProjector]:
-    # fp32: v ≥ margin = 1e30 times ‖g₁‖ ≈ 1.4e10 overflows although the Gram is finite
-    vec = Vector(torch.float32)
+def huge_margin_step(
+    grad_scaler: torch.amp.GradScaler | None, dtype: torch.dtype
+) -> tuple[Vector, GEMProjector]:
+    # v ≥ margin = 1e30 times ‖g₁‖ ≈ 1.4e10 overflows fp32 and bf16 although the Gram is finite
+    vec = Vector(dtype)
     opt = GEMProjector(torch.optim.SGD(vec.parameters(), lr=1.0), 1e30, grad_scaler=grad_scaler)
     scale = grad_scaler.scale if grad_scaler is not None else (lambda loss: loss)
     scale(vec.loss([1.0, 2.0])).backward()
@@ -121,20 +125,22 @@ def huge_margin_step(grad_scaler: torch.amp.GradScaler | None) -> tuple[Vector, 
     return vec, opt
 
 
-def test_an_fp32_projection_that_overflows_is_refused():
-    vec, opt = huge_margin_step(None)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_fp32_or_bf16_projection_that_overflows_is_refused(dtype):
+    vec, opt = huge_margin_step(None, dtype)
     with pytest.raises(NonFiniteGradientError, match="overflows"):
         opt.step()
-    assert torch.equal(vec.w, torch.zeros(2))
+    assert torch.equal(vec.w, torch.zeros(2, dtype=dtype))
 
 
-def test_an_overflowing_projection_under_a_scaler_is_skipped_and_backs_off():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_overflowing_projection_under_a_scaler_is_skipped_and_backs_off(dtype):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    vec, opt = huge_margin_step(scaler)
+    vec, opt = huge_margin_step(scaler, dtype)
     scaler.step(opt)
     scaler.update()
     assert opt.last_stats is not None and opt.last_stats.skipped
-    assert torch.equal(vec.w, torch.zeros(2))
+    assert torch.equal(vec.w, torch.zeros(2, dtype=dtype))
     assert scaler.get_scale() == 2.0**9
 
 

@@ -229,6 +229,8 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
                     "block wrote into .grad; it would be lost. Run each loss's backward "
                     "inside its objective block (or use .backward(losses)); nothing was changed"
                 )
+        generator: torch.Generator | None = getattr(self, "generator", None)
+        drawn = None if fits or generator is None else generator.get_state()
         decision = self._decide(gram)
         if not decision.skip:
             if not fits:
@@ -239,6 +241,8 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
                 bank.combine_(decision.weights, accumulate=False, rows=rows)
             if not fits and not overflow.row0_finite(bank):
                 bank.zero_(0)  # row 0 held no gradient (checked above)
+                if generator is not None and drawn is not None:
+                    generator.set_state(drawn)  # the step's random orders are drawn again
                 if not self._scaler_enabled:
                     raise overflow.error(bank)
                 self._mark_overflow()

@@ -172,6 +172,14 @@ class GradientBank:
         if position is not None:
             self._reached[self.bound_row][position] = 1
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Copy (``copy.deepcopy``, ``pickle``) as a new bank around the copied parameters.
+
+        The rows and the record of reached parameters are copied; the hooks are the new
+        bank's own.
+        """
+        return (_restored, (self.params, self.rows, self.blocks, self._reached))
+
     @property
     def numel(self) -> int:
         """Number of gradient entries in one row (``p``)."""
@@ -377,3 +385,14 @@ class GradientBank:
             part = weights[start : start + segments.count]
             _segments.combine_segments_(block[0], block[rows], part, segments)
             start += segments.count
+
+
+def _restored(
+    params: tuple[Tensor, ...], rows: int, blocks: tuple[Tensor, ...], reached: list[bytearray]
+) -> GradientBank:
+    bank = GradientBank(params, rows)
+    with torch.no_grad():
+        for new, old in zip(bank.blocks, blocks, strict=True):
+            new.copy_(old)
+    bank._reached = [bytearray(row) for row in reached]
+    return bank

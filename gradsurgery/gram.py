@@ -28,6 +28,7 @@ __all__ = [
     "CHUNK",
     "CPU_CHUNK",
     "combine_",
+    "combine_overflows",
     "compute_dtype",
     "cross",
     "gram",
@@ -127,6 +128,33 @@ def combine_(out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool) -
                 combined += out[part].float()
             out[part].copy_(combined)
     return out
+
+
+def combine_overflows(out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool) -> Tensor:
+    """0-d bool: whether :func:`combine_` would write an Inf or NaN into ``out``.
+
+    Computes the combination as :func:`combine_` does, one column chunk at a time, and
+    writes nothing. A full pass over the gradients: call it only when a bound from the
+    Gram matrix cannot rule an overflow out.
+    """
+    beta = 1.0 if accumulate else 0.0
+    width = CPU_CHUNK if block.device.type == "cpu" else CHUNK
+    flags = []
+    with ieee_fp32_matmul():
+        if block.dtype not in _LOW_PRECISION:
+            w = weights.to(block.dtype)
+            for start in range(0, block.shape[1], width):
+                part = slice(start, min(start + width, block.shape[1]))
+                combined = torch.addmv(out[part], block[:, part].T, w, beta=beta)
+                flags.append(combined.isfinite().all())
+        else:
+            w = weights.float()
+            for part, chunk in _upcast_chunks(block):
+                combined = chunk.T @ w
+                if accumulate:
+                    combined += out[part].float()
+                flags.append(combined.to(out.dtype).isfinite().all())
+    return ~torch.stack(flags).all()
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

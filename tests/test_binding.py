@@ -397,7 +397,7 @@ def test_meta_parameters_are_refused_at_construction():
 
 def test_sparse_adam_is_refused_at_construction():
     net = nn.Embedding(5, 3, sparse=True)
-    with pytest.raises(ValueError, match="SparseAdam needs sparse gradients"):
+    with pytest.raises(ValueError, match="cannot wrap SparseAdam: it needs sparse gradients"):
         GEMProjector(torch.optim.SparseAdam(net.parameters(), lr=0.1))
 
 

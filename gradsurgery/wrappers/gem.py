@@ -36,7 +36,8 @@ from gradsurgery.functional.gem import (
     raise_if_failed,
 )
 from gradsurgery.papers import CHAUDHRY_2019, LIU_2021, LOPEZ_PAZ_2017
-from gradsurgery.wrappers.surgery import SurgeryOptimizer
+from gradsurgery.wrappers import overflow
+from gradsurgery.wrappers.surgery import SurgeryOptimizer, row_names
 
 __all__ = ["GEMProjector", "GEMStats"]
 
@@ -142,7 +143,8 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
             LR schedulers and ``clip_grad_norm_`` work on the wrapper as on it).
         margin: GEM's memory strength ``m ≥ 0``: when projecting, every multiplier is at
             least ``m`` (0.5 in the original code). 0 gives the exact projection.
-        constraints: number of constraints, or their names (default: one, named ``"0"``).
+        constraints: number of constraints, their names, or one name (default: one, named
+            ``"0"``).
         mode: ``"gem"`` (every constraint) or ``"agem"`` (the mean constraint gradient).
         solver: dual QP solver: ``"auto"``, ``"closed_form"`` (one constraint),
             ``"enumerate"`` (exact, on the device, no host sync) or a qpsolvers backend
@@ -169,7 +171,7 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         optimizer: Optimizer,
         margin: float = 0.0,
         *,
-        constraints: int | Sequence[str] = 1,
+        constraints: int | str | Sequence[str] = 1,
         mode: GEMMode = "gem",
         solver: str = "auto",
         eps: float = 0.0,
@@ -178,7 +180,7 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         distributed: Distributed | None = None,
     ) -> None:
         check_options(margin, mode, eps)
-        qp.resolve_solver(solver, constraints if isinstance(constraints, int) else len(constraints))
+        qp.resolve_solver(solver, len(row_names(constraints, self.row_kind)))
         super().__init__(
             optimizer,
             constraints,
@@ -221,9 +223,16 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
             gram, self.margin, mode=self.mode, solver=self.solver, eps=self.eps
         )
         skipped = False
-        if self.reads_host:
-            finite, violated, kkt = torch.stack(
-                [gram.isfinite().all(), solution.violated, solution.kkt_residual]
+        if self._reads_host:
+            norms = overflow.norms(gram)
+            bound = norms[0] + (solution.v.abs() * norms[1:]).sum()
+            finite, violated, kkt, fits = torch.stack(
+                [
+                    gram.isfinite().all(),
+                    solution.violated,
+                    solution.kkt_residual,
+                    bound <= overflow.limit(bank),
+                ]
             ).tolist()
             if not finite and self._scaler_enabled:
                 skipped = True
@@ -232,7 +241,13 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
                     dtypes = [block.dtype for block in bank.blocks]
                     tolerance = qp.kkt_tolerance(len(self.row_names), dtypes)
                     raise_if_failed(bool(finite), kkt, self.solver, tolerance)
-                if violated:
+                rows = slice(1, 1 + len(self.row_names))
+                if violated and not fits and overflow.combine_overflows(bank, solution.v, rows):
+                    if not self._scaler_enabled:
+                        raise overflow.error(bank)
+                    self._mark_overflow()
+                    skipped = True
+                elif violated:
                     bank.combine_(solution.v, accumulate=True)
         elif not sync.host_reads_are_free(bank.device) or bool(solution.violated):
             bank.combine_(solution.v, accumulate=True)

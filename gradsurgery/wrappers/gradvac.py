@@ -35,13 +35,15 @@ class GradVac(MultiObjectiveOptimizer):
 
     Args:
         optimizer: the inner optimizer.
-        objectives: number of objectives, or their names.
+        objectives: number of objectives, their names, or one name.
         beta: EMA rate of the targets, in (0, 1] (the paper's 1e-2).
         granularity: ``"model"`` (one cosine per pair) or ``"parameter"``.
         generator: CPU ``torch.Generator`` for the order of partners (saved in
             ``state_dict``).
         grad_scaler: the ``torch.amp.GradScaler`` scaling every backward pass, if any.
-        validate: raise on NaN/Inf gradients and stray backward passes.
+        validate: raise on NaN/Inf gradients, stray backward passes and a combination
+            that would overflow the parameters' dtype (GradVac's weights have no a priori
+            bound, so this reads one more scalar per step: ``Σ_t |w_t| ‖g_t‖``).
         distributed: ``None``, :class:`~gradsurgery.distributed.Replicated` (DDP) or
             :class:`~gradsurgery.distributed.Sharded` (FSDP2); the generator's state
             is then broadcast from the group's first rank.
@@ -54,7 +56,7 @@ class GradVac(MultiObjectiveOptimizer):
     def __init__(
         self,
         optimizer: Optimizer,
-        objectives: int | Sequence[str],
+        objectives: int | str | Sequence[str],
         *,
         beta: float = 1e-2,
         granularity: Granularity = "model",
@@ -79,6 +81,7 @@ class GradVac(MultiObjectiveOptimizer):
         self.granularity: Granularity = granularity
         self.generator = generator
         self.targets = self._zero_targets()
+        self._next_targets = self.targets
 
     def _zero_targets(self) -> Tensor:
         t = len(self.row_names)
@@ -104,8 +107,11 @@ class GradVac(MultiObjectiveOptimizer):
             if self.distributed is not None:
                 K = self.distributed.reduce_gram(K)
         orders = conflict_orders(len(self.row_names), self.generator)
-        C, self.targets = gradvac_coefficients(K, self.targets, orders, self.beta)
+        C, self._next_targets = gradvac_coefficients(K, self.targets, orders, self.beta)
         return Decision(C.sum(dim=-2), K)
+
+    def _after_apply(self) -> None:
+        self.targets = self._next_targets
 
     def _extra_state(self) -> dict[str, Any]:
         state = {**super()._extra_state(), "generator": self.generator.get_state()}

@@ -52,7 +52,7 @@ class ParetoLessForgetting(MultiObjectiveOptimizer):
 
     Args:
         optimizer: the inner optimizer (AdamW in the paper).
-        objectives: number of objectives (source languages), or their names.
+        objectives: number of objectives (source languages), their names, or one name.
         solver: qpsolvers backend for Problem 2 (``"daqp"``: exact and fastest measured;
             every solution is polished and certified, see ``docs/lfmlf.md``).
         on_stationary: ``"skip"`` or ``"raise"``.
@@ -74,7 +74,7 @@ class ParetoLessForgetting(MultiObjectiveOptimizer):
     def __init__(
         self,
         optimizer: Optimizer,
-        objectives: int | Sequence[str],
+        objectives: int | str | Sequence[str],
         *,
         solver: str = DEFAULT_SOLVER,
         on_stationary: OnStationary = "skip",
@@ -120,6 +120,9 @@ class ParetoLessForgetting(MultiObjectiveOptimizer):
     def accumulated(self) -> Tensor:
         """``ḡ``, the sum of all combined directions so far, flattened in buffer order."""
         return torch.cat([block[self._accumulated_row] for block in self._bank.blocks])
+
+    def _bound(self, norms: Tensor) -> Tensor:
+        return norms.new_zeros(())  # convex weights: no entry can overflow
 
     def _decide(self, gram: Tensor) -> Decision:
         rows = self._objective_rows

@@ -13,6 +13,7 @@ from gradsurgery import qp, simplex_qp
 from gradsurgery.distributed import Distributed
 from gradsurgery.papers import SENER_2018
 from gradsurgery.wrappers.multi import Decision, MultiObjectiveOptimizer
+from gradsurgery.wrappers.surgery import row_names
 
 __all__ = ["MGDA"]
 
@@ -28,7 +29,7 @@ class MGDA(MultiObjectiveOptimizer):
 
     Args:
         optimizer: the inner optimizer.
-        objectives: number of objectives, or their names.
+        objectives: number of objectives, their names, or one name.
         solver: ``"auto"``, ``"enumerate"`` or a qpsolvers backend.
         grad_scaler: the ``torch.amp.GradScaler`` scaling every backward pass, if any.
         validate: raise on NaN/Inf gradients and stray backward passes (one host read per
@@ -44,7 +45,7 @@ class MGDA(MultiObjectiveOptimizer):
     def __init__(
         self,
         optimizer: Optimizer,
-        objectives: int | Sequence[str],
+        objectives: int | str | Sequence[str],
         *,
         solver: str = "auto",
         grad_scaler: torch.amp.GradScaler | None = None,
@@ -52,9 +53,7 @@ class MGDA(MultiObjectiveOptimizer):
         distributed: Distributed | None = None,
     ) -> None:
         if solver != "auto":
-            qp.resolve_solver(
-                solver, objectives if isinstance(objectives, int) else len(objectives)
-            )
+            qp.resolve_solver(solver, len(row_names(objectives, self.row_kind)))
         super().__init__(
             optimizer,
             objectives,
@@ -63,6 +62,9 @@ class MGDA(MultiObjectiveOptimizer):
             distributed=distributed,
         )
         self.solver = solver
+
+    def _bound(self, norms: Tensor) -> Tensor:
+        return norms.new_zeros(())  # convex weights: no entry can overflow
 
     def _decide(self, gram: Tensor) -> Decision:
         rows = self._objective_rows

@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 
 from gradsurgery.distributed import Distributed
 from gradsurgery.errors import NonFiniteGradientError
+from gradsurgery.wrappers import overflow
 from gradsurgery.wrappers.surgery import SurgeryOptimizer
 
 __all__ = ["MultiObjectiveOptimizer", "ObjectiveStats"]
@@ -108,7 +109,7 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
 
     Args:
         optimizer: the inner optimizer.
-        objectives: number of objectives, or their names.
+        objectives: number of objectives, their names, or one name.
         internal_rows: rows the subclass keeps for itself after the objectives' rows.
         grad_scaler: the ``torch.amp.GradScaler`` scaling every backward pass, if any.
         validate: raise on NaN/Inf gradients, on a backward pass outside every
@@ -124,7 +125,7 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
     def __init__(
         self,
         optimizer: Optimizer,
-        objectives: int | Sequence[str],
+        objectives: int | str | Sequence[str],
         *,
         internal_rows: int = 0,
         grad_scaler: torch.amp.GradScaler | None = None,
@@ -185,21 +186,38 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
     def _after_apply(self) -> None:
         """Update internal state once ``d`` is in row 0 (subclasses)."""
 
+    def _bound(self, norms: Tensor) -> Tensor:
+        """A bound of ``|d_i|`` from the objectives' norms alone, before :meth:`_decide`.
+
+        ``inf`` (unknown) by default: the bound from the weights is then read after
+        deciding. Methods whose weights are convex override it with 0: each entry of a
+        convex combination lies between the rows' entries and cannot overflow.
+        """
+        return norms.new_full((), torch.inf)
+
+    def _skipped(self, gram: Tensor) -> ObjectiveStats:
+        rows = self._objective_rows
+        return ObjectiveStats(
+            self.row_names,
+            self.stats_prefix,
+            gram[rows, rows],
+            torch.zeros_like(gram[0, rows]),
+            skipped=True,
+        )
+
     def _surgery(self) -> ObjectiveStats:
         bank = self._bank
         gram = self._gram()
-        if self.reads_host:
-            finite, clean = torch.stack([gram.isfinite().all(), gram[0, 0] == 0]).tolist()
+        rows = self._objective_rows
+        fits = True
+        if self._reads_host:
+            bound = self._bound(overflow.norms(gram[rows, rows]))
+            finite, clean, fits = torch.stack(
+                [gram.isfinite().all(), gram[0, 0] == 0, bound <= overflow.limit(bank)]
+            ).tolist()
             if not finite:
                 if self._scaler_enabled:
-                    rows = self._objective_rows
-                    return ObjectiveStats(
-                        self.row_names,
-                        self.stats_prefix,
-                        gram[rows, rows],
-                        torch.zeros_like(gram[0, rows]),
-                        skipped=True,
-                    )
+                    return self._skipped(gram)
                 raise NonFiniteGradientError(
                     "a gradient holds NaN or Inf values (or its squared norm overflows); "
                     "nothing was changed. Check this step's losses, or pass a GradScaler to "
@@ -211,12 +229,24 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
                     "block wrote into .grad; it would be lost. Run each loss's backward "
                     "inside its objective block (or use .backward(losses)); nothing was changed"
                 )
+        generator: torch.Generator | None = getattr(self, "generator", None)
+        drawn = None if fits or generator is None else generator.get_state()
         decision = self._decide(gram)
         if not decision.skip:
+            if not fits:
+                fits = bool(overflow.bound(decision.gram, decision.weights) <= overflow.limit(bank))
             if decision.weights.dim() == 2:
-                bank.combine_segments_(decision.weights, rows=self._objective_rows)
+                bank.combine_segments_(decision.weights, rows=rows)
             else:
-                bank.combine_(decision.weights, accumulate=False, rows=self._objective_rows)
+                bank.combine_(decision.weights, accumulate=False, rows=rows)
+            if not fits and not overflow.row0_finite(bank):
+                bank.zero_(0)  # row 0 held no gradient (checked above)
+                if generator is not None and drawn is not None:
+                    generator.set_state(drawn)  # the step's random orders are drawn again
+                if not self._scaler_enabled:
+                    raise overflow.error(bank)
+                self._mark_overflow()
+                return self._skipped(gram)
             self._after_apply()
         return ObjectiveStats(
             self.row_names,
@@ -224,7 +254,7 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
             decision.gram,
             decision.weights,
             skipped=decision.skip,
-            extras=decision.extras,
+            extras=dict(decision.extras),
         )
 
     def _param_index(self) -> dict[int, int]:

@@ -44,7 +44,7 @@ class PCGrad(MultiObjectiveOptimizer):
 
     Args:
         optimizer: the inner optimizer.
-        objectives: number of objectives, or their names.
+        objectives: number of objectives, their names, or one name.
         reduction: ``"sum"`` or ``"mean"``.
         generator: CPU ``torch.Generator`` for the orders (saved in ``state_dict``); by
             default one seeded from the global RNG.
@@ -62,7 +62,7 @@ class PCGrad(MultiObjectiveOptimizer):
     def __init__(
         self,
         optimizer: Optimizer,
-        objectives: int | Sequence[str],
+        objectives: int | str | Sequence[str],
         *,
         reduction: str = "sum",
         generator: torch.Generator | None = None,
@@ -82,6 +82,11 @@ class PCGrad(MultiObjectiveOptimizer):
         broadcast_generator(generator, distributed)
         self.reduction = reduction
         self.generator = generator
+
+    def _bound(self, norms: Tensor) -> Tensor:
+        # each projected gradient is no longer than the original: ‖d‖ ≤ Σ_t ‖g_t‖, and each
+        # of the T·T terms of the product computing d is at most as long as some ‖g_t‖
+        return len(norms) * norms.sum()
 
     def _decide(self, gram: Tensor) -> Decision:
         rows = self._objective_rows

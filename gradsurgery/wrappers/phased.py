@@ -270,12 +270,18 @@ class PhasedLR(WrappedOptimizer):
             similarity=None if monitor is None else monitor.similarity,
         )
 
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], float] | None = None,
+        *,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> float | None:
         """Step the inner optimizer with each group's ``lr`` times its :math:`K`.
 
         ``closure``, if given, is called first with gradients enabled and may call
         :meth:`observe`. If the inner step raises, the learning rates are restored and the
-        observation stays, so a second ``step()`` retries.
+        observation stays, so a second ``step()`` retries. ``grad_scaler`` is set by
+        ``scaler.step(optimizer)`` when a gradient surgery is inside, and passed on to it.
 
         Raises:
             RuntimeError: no loss observed since the last step, or a group added to the
@@ -299,7 +305,10 @@ class PhasedLR(WrappedOptimizer):
                 multiplier = stats.multipliers.get(role, 1.0)
                 if multiplier != 1.0:
                     group["lr"] = lr * multiplier
-            self.optimizer.step()
+            if grad_scaler is None:
+                self.optimizer.step()
+            else:
+                self.optimizer.step(grad_scaler=grad_scaler)  # type: ignore[call-overload]
         finally:
             for group, lr in zip(groups, base_lrs, strict=True):
                 group["lr"] = lr

@@ -10,26 +10,30 @@ A :class:`SurgeryOptimizer` is a :class:`~gradsurgery.wrappers.wrapped.WrappedOp
 * :meth:`SurgeryOptimizer.apply_surgery` rewrites row 0 in place (``step()`` calls it when
   the user has not), then ``step()`` steps the inner optimizer.
 
-Extra rows are zeroed lazily: a row used by a step is cleared by the next backward routed
-to it, so gradient accumulation over micro-batches works, and a stale row is never read
-even if the user zeroes gradients through the model instead of the optimizer.
+Extra rows are zeroed lazily: once a step has ended (stepped, skipped under a GradScaler, or
+refused with an exception), the next backward routed to a row first clears it, so gradient
+accumulation over micro-batches works, and a stale row is never read even if the user
+zeroes gradients through the model or the inner optimizer instead of the wrapper. Only a
+step whose inner ``step()`` raised keeps its rewritten ``.grad`` for a retry (see
+:meth:`SurgeryOptimizer.step`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor
-from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
 from gradsurgery import binding
 from gradsurgery import distributed as _distributed
 from gradsurgery.distributed import Distributed
 from gradsurgery.flat import GradientBank
+from gradsurgery.wrappers import amp
 from gradsurgery.wrappers.wrapped import WrappedOptimizer
 
 __all__ = ["StepStats", "SurgeryOptimizer"]
@@ -51,31 +55,15 @@ class StepStats(Protocol):
 StatsT = TypeVar("StatsT", bound=StepStats)
 
 
-class _RowsForScaler:
-    """Presents the extra rows to ``GradScaler.unscale_`` as if they were gradients.
-
-    ``GradScaler.unscale_(obj)`` unscales the ``.grad`` of every tensor in
-    ``obj.param_groups`` and records overflow for ``GradScaler.update()``, which is exactly
-    what the routed rows need: one holder tensor per bank block, whose ``.grad`` is the
-    block's rows 1..k (internal rows after them hold unscaled state and are left alone).
-    """
-
-    def __init__(self, bank: GradientBank, rows: int) -> None:
-        holders = []
-        for block in bank.blocks:
-            routed = block[1 : 1 + rows]
-            holder = routed.detach()
-            holder.grad = routed
-            holders.append(holder)
-        self.param_groups = [{"params": holders}]
-
-
-def _row_names(rows: int | Sequence[str], kind: str) -> tuple[str, ...]:
+def row_names(rows: int | str | Sequence[str], kind: str) -> tuple[str, ...]:
+    """The rows' names: ``"0"``, ``"1"``, … for a count; a single string is one name."""
+    if isinstance(rows, bool):
+        raise ValueError(f"{kind}s must be a count or names, got {rows!r}")
     if isinstance(rows, int):
         if rows < 1:
             raise ValueError(f"{kind}s must be at least 1, got {rows}")
         return tuple(str(k) for k in range(rows))
-    names = tuple(rows)
+    names = (rows,) if isinstance(rows, str) else tuple(rows)
     if not names or not all(isinstance(name, str) and name for name in names):
         raise ValueError(f"{kind}s must be a count or non-empty names, got {rows!r}")
     if len(set(names)) != len(names):
@@ -91,8 +79,8 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
 
     Args:
         optimizer: the inner optimizer; it keeps its parameters, groups and state.
-        rows: number or names of the extra gradient rows users route backward passes to
-            (constraints, objectives).
+        rows: number, names or one name of the extra gradient rows users route backward
+            passes to (constraints, objectives).
         internal_rows: further rows the wrapper keeps for itself (e.g. LF-MLF's accumulated
             direction); never routed to, never unscaled.
         grad_scaler: the ``torch.amp.GradScaler`` used for every backward pass, if any;
@@ -111,14 +99,14 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
     def __init__(
         self,
         optimizer: Optimizer,
-        rows: int | Sequence[str],
+        rows: int | str | Sequence[str],
         *,
         internal_rows: int = 0,
         grad_scaler: torch.amp.GradScaler | None = None,
         validate: bool = True,
         distributed: Distributed | None = None,
     ) -> None:
-        names = _row_names(rows, self.row_kind)
+        names = row_names(rows, self.row_kind)
         _distributed.check(distributed)
         super().__init__(optimizer)
         inner: Optimizer = optimizer
@@ -129,11 +117,7 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
                     "own the parameters' .grad; use one gradient surgery per optimizer"
                 )
             inner = inner.optimizer
-        if isinstance(inner, torch.optim.SparseAdam):
-            raise ValueError(
-                "SparseAdam needs sparse gradients, but a gradient surgery keeps dense ones "
-                "(one flat buffer); wrap Adam or AdamW instead"
-            )
+        _check_inner(inner, type(self).__name__)
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(
                 f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
@@ -144,13 +128,30 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         self.distributed = distributed
         self._reduced = False
         self._bank = GradientBank(self._all_params(), 1 + len(names) + internal_rows)
-        self._scaler_rows = _RowsForScaler(self._bank, len(names))
+        self._scaler_rows = amp.RowsForScaler(self._bank, len(names))
         self._filled = [False] * len(self.row_names)
         self._stale = [False] * len(self.row_names)
         self._routing = False
         self._broken = False
         self._pending: StatsT | None = None
+        self._pending_scaler: torch.amp.GradScaler | None = None
+        self._retrying = False
+        self._step_scaler: torch.amp.GradScaler | None = None
         self.last_stats: StatsT | None = None
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """``GradScaler.step`` hands itself to :meth:`step`, which unscales every row."""
+        return True
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._scaler_rows = amp.RowsForScaler(self._bank, len(self.row_names))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        del state["_scaler_rows"]  # views into the bank; rebuilt from the copied bank
+        return state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the inner optimizer; its trainable parameters join the flat buffer.
@@ -217,7 +218,7 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
             optimizer_state=self.optimizer.state,
         )
         old, self._bank = self._bank, self._bank.rebuilt(params)
-        self._scaler_rows = _RowsForScaler(self._bank, len(self.row_names))
+        self._scaler_rows = amp.RowsForScaler(self._bank, len(self.row_names))
         self._bank_rebuilt(old)
 
     def _bank_rebuilt(self, old: GradientBank) -> None:
@@ -246,6 +247,7 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         self._filled = [False] * len(self.row_names)
         self._stale = [False] * len(self.row_names)
         self._pending = None
+        self._retrying = False
         self._reduced = False
         self._broken = False
 
@@ -265,17 +267,16 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
     @contextmanager
     def _route(self, index: int) -> Iterator[None]:
         """Send the gradients of backward passes inside the block to extra row ``index``."""
-        if self._pending is not None:
-            raise RuntimeError(
-                "apply_surgery() already ran for this step; compute every gradient before it"
-            )
         if self._routing:
             raise RuntimeError("gradient routing blocks do not nest")
-        if self._reduced:
-            raise RuntimeError(
-                "the rows were already averaged across ranks by a failed apply_surgery(); "
-                "call zero_grad() before computing new gradients"
-            )
+        if self._pending is not None:
+            if self._bank.repair() == 0:  # .grad untouched: the surgery's result is still there
+                raise RuntimeError(
+                    "apply_surgery() already ran for this step; compute every gradient before "
+                    "it (after a failed inner step, call step() again to retry it, or zero the "
+                    "gradients to start a new step)"
+                )
+            self._end_step()  # the user zeroed .grad since: a new step starts
         self._check_not_broken()
         self._sync_bank()
         if self._stale[index]:
@@ -315,20 +316,22 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
     @property
     def reads_host(self) -> bool:
         """Whether a step reads values back to the host (validation or a GradScaler)."""
-        return self.validate or self._scaler_enabled
+        return self.validate or amp.enabled(self.grad_scaler)
 
     @property
     def _scaler_enabled(self) -> bool:
-        return self.grad_scaler is not None and self.grad_scaler.is_enabled()
+        """Whether the step being computed runs under an enabled GradScaler."""
+        return self._step_scaler is not None
 
-    def _unscale_rows(self) -> None:
-        scaler = self.grad_scaler
-        assert scaler is not None
-        # GradScaler has no public way to ask whether it already unscaled an optimizer's
-        # gradients this iteration; its per-optimizer stage has been stable since 1.6.
-        if scaler._per_optimizer_states[id(self)]["stage"] is OptState.READY:
-            scaler.unscale_(self)
-        scaler.unscale_(self._scaler_rows)  # type: ignore[arg-type]
+    @property
+    def _reads_host(self) -> bool:
+        """Whether the step being computed may read values back to the host."""
+        return self.validate or self._scaler_enabled
+
+    def _mark_overflow(self) -> None:
+        """Make the step's GradScaler back off although no row holds an Inf (see ``amp``)."""
+        assert self._step_scaler is not None
+        amp.mark_overflow(self._step_scaler, self._scaler_rows)
 
     def _gram(self) -> Tensor:
         """The Gram matrix of every bank row, made global across ranks when sharded."""
@@ -348,37 +351,79 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         the same statistics without redoing anything. With a GradScaler, the task gradient
         is unscaled first if ``scaler.unscale_(optimizer)`` has not been called.
         """
+        return self._apply_surgery(self.grad_scaler)
+
+    def _apply_surgery(self, scaler: torch.amp.GradScaler | None) -> StatsT:
+        """:meth:`apply_surgery` under ``scaler``; an exception ends the step (see ``step``)."""
         if self._pending is not None:
             return self._pending
         if self._routing:
             raise RuntimeError("apply_surgery() was called inside a gradient routing block")
-        self._check_filled()
-        self._check_not_broken()
-        self._sync_bank()
-        self._bank.repair()
-        if self.distributed is not None and not self._reduced:
-            self.distributed.average_rows(self._bank, slice(1, 1 + len(self.row_names)))
-            self._reduced = True
-        if self._scaler_enabled:
-            self._unscale_rows()
-        self._pending = self._surgery()
+        try:
+            self._check_filled()
+            self._check_not_broken()
+            self._sync_bank()
+            self._bank.repair()
+            if self.distributed is not None and not self._reduced:
+                self.distributed.average_rows(self._bank, slice(1, 1 + len(self.row_names)))
+                self._reduced = True
+            self._step_scaler = scaler if amp.enabled(scaler) else None
+            if self._step_scaler is not None:
+                amp.unscale(self._step_scaler, self, self._scaler_rows)
+            self._pending = self._surgery()
+        except BaseException:
+            self._end_step()
+            raise
+        finally:
+            self._step_scaler = None
+        self._pending_scaler = scaler
         return self._pending
 
+    def _end_step(self) -> None:
+        """Every row is stale: the next backward into it starts from zero."""
+        self._pending = None
+        self._retrying = False
+        self._reduced = False
+        self._filled = [False] * len(self.row_names)
+        self._stale = [True] * len(self.row_names)
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], float] | None = None,
+        *,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> float | None:
         """Apply the surgery (unless :meth:`apply_surgery` did) and step the inner optimizer.
 
         ``closure``, if given, is called first with gradients enabled, as ``torch.optim``
-        optimizers do; it must compute this step's gradients (task and extra). If the inner
-        step raises, the rewritten ``.grad`` stays and a second ``step()`` retries the
-        inner step without redoing the surgery.
+        optimizers do; it must compute this step's gradients (task and extra).
+        ``grad_scaler`` is set by ``scaler.step(optimizer)``: every row is unscaled with it,
+        and the step is skipped if any overflowed. If the surgery raises, the step ends
+        (nothing changed; the next backward into a row starts from zero). If the inner step
+        raises, the rewritten ``.grad`` stays and a second ``step()`` retries the inner step
+        without redoing the surgery.
+
+        Raises:
+            RuntimeError: ``grad_scaler`` is not the wrapper's own, or :meth:`apply_surgery`
+                ran without the GradScaler that steps the optimizer; nothing is stepped.
         """
+        scaler = amp.step_scaler(self, grad_scaler)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._pending is not None and amp.enabled(scaler) and self._pending_scaler is not scaler:
+            self._end_step()
+            raise RuntimeError(
+                f"apply_surgery() ran without the GradScaler that steps {type(self).__name__}, "
+                "on still scaled gradients: pass the scaler as grad_scaler= to the wrapper; "
+                "nothing was stepped, zero the gradients and compute the step again"
+            )
+        if self._pending is not None and self._retrying and self._bank.repair() > 0:
+            self._end_step()  # .grad was zeroed or replaced since: the surgery's result is gone
         surgery_ran_before = self._pending is not None
-        stats = self.apply_surgery()
+        stats = self._apply_surgery(scaler)
         if surgery_ran_before:
             self._sync_bank()
         bank = self._bank
@@ -389,13 +434,14 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         unreached = bank.without_gradient() if self.distributed is None else []
         withheld = sorted({*unreached, *removed})
         if not stats.skipped:
-            with bank.withheld(withheld):
-                self.optimizer.step()
+            try:
+                with bank.withheld(withheld):
+                    self.optimizer.step()
+            except BaseException:
+                self._retrying = True
+                raise
         self.last_stats = stats
-        self._pending = None
-        self._reduced = False
-        self._filled = [False] * len(self.row_names)
-        self._stale = [True] * len(self.row_names)
+        self._end_step()
         return loss
 
     # -- saving and loading --------------------------------------------------------------
@@ -415,3 +461,19 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         if self.distributed is not None:
             settings["distributed"] = self.distributed
         return settings
+
+
+def _check_inner(optimizer: Optimizer, wrapper: str) -> None:
+    """Refuse an inner optimizer that cannot step a rewritten dense ``.grad``."""
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        raise ValueError(
+            f"{wrapper} cannot wrap SparseAdam: it needs sparse gradients, but a gradient "
+            "surgery keeps dense ones (one flat buffer); wrap Adam or AdamW instead"
+        )
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(
+            f"{wrapper} cannot wrap {type(optimizer).__name__}: its step() requires a closure "
+            "and re-evaluates it (L-BFGS several times per step), and every evaluation would "
+            "need its own surgery; wrap a first-order optimizer (SGD, Adam, AdamW) instead"
+        )

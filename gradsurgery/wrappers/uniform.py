@@ -20,7 +20,7 @@ class Uniform(MultiObjectiveOptimizer):
 
     Args:
         optimizer: the inner optimizer.
-        objectives: number of objectives, or their names.
+        objectives: number of objectives, their names, or one name.
         grad_scaler: the ``torch.amp.GradScaler`` scaling every backward pass, if any.
         validate: raise on NaN/Inf gradients and stray backward passes (one host read per
             step on an accelerator).
@@ -29,6 +29,9 @@ class Uniform(MultiObjectiveOptimizer):
     papers = (MAO_2022,)
 
     stats_prefix = "uniform"
+
+    def _bound(self, norms: Tensor) -> Tensor:
+        return norms.new_zeros(())  # convex weights: no entry can overflow
 
     def _decide(self, gram: Tensor) -> Decision:
         rows = self._objective_rows

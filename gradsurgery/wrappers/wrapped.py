@@ -10,7 +10,9 @@ Every gradsurgery wrapper is one. What it shares with the optimizer it wraps:
   list under the key ``"gradsurgery"`` (one entry per wrapper of a stack, innermost first);
   ``load_state_dict`` takes its entry off the end and hands the rest inward;
 * step hooks (``register_step_pre_hook``, the profiler's ``Optimizer.step`` record) work as
-  on any ``torch.optim`` optimizer.
+  on any ``torch.optim`` optimizer;
+* ``copy.deepcopy``, ``pickle`` and ``torch.save`` copy the whole stack (hooks excepted, as
+  for ``torch.optim`` optimizers).
 
 Subclasses implement ``step`` and, where they keep state, ``_extra_state``,
 ``_check_extra_state`` and ``_load_extra_state``.
@@ -37,6 +39,7 @@ class WrappedOptimizer(Optimizer):
         optimizer: the inner optimizer; it keeps its parameters, groups and state.
 
     Attributes:
+        wrapped_by: the wrapper around this one in a stack, if any.
         papers: the papers of the method a subclass implements (cite them with
             :func:`gradsurgery.cite`).
         bibtex: their BibTeX entries, one after the other.
@@ -67,6 +70,31 @@ class WrappedOptimizer(Optimizer):
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
+        self.wrapped_by: WrappedOptimizer | None = None
+        if isinstance(optimizer, WrappedOptimizer):
+            optimizer.wrapped_by = self
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Whether ``GradScaler.step`` hands itself to :meth:`step` (see ``wrappers.amp``).
+
+        True when a gradient surgery is inside: ``step`` passes the scaler on to it.
+        """
+        inner = self.optimizer
+        return isinstance(inner, WrappedOptimizer) and inner._step_supports_amp_scaling
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the hooks (as ``torch.optim.Optimizer``): the inner optimizer too.
+
+        ``copy.deepcopy``, ``pickle`` and ``torch.save`` then give a working wrapper around
+        a copy of the inner optimizer (with the model's parameters when the model is
+        copied in the same call).
+        """
+        return {
+            key: value
+            for key, value in self.__dict__.items()
+            if not (key.startswith("_optimizer_") and key.endswith("_hooks"))
+        }
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:

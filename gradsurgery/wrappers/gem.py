@@ -37,7 +37,8 @@ from gradsurgery.functional.gem import (
 )
 from gradsurgery.papers import CHAUDHRY_2019, LIU_2021, LOPEZ_PAZ_2017
 from gradsurgery.wrappers import overflow
-from gradsurgery.wrappers.surgery import SurgeryOptimizer, row_names
+from gradsurgery.wrappers.checks import row_names
+from gradsurgery.wrappers.surgery import SurgeryOptimizer
 
 __all__ = ["GEMProjector", "GEMStats"]
 

@@ -12,8 +12,8 @@ from torch.optim import Optimizer
 from gradsurgery import qp, simplex_qp
 from gradsurgery.distributed import Distributed
 from gradsurgery.papers import SENER_2018
+from gradsurgery.wrappers.checks import row_names
 from gradsurgery.wrappers.multi import Decision, MultiObjectiveOptimizer
-from gradsurgery.wrappers.surgery import row_names
 
 __all__ = ["MGDA"]
 

@@ -20,7 +20,6 @@ step whose inner ``step()`` raised keeps its rewritten ``.grad`` for a retry (se
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Generic, Protocol, TypeVar
@@ -33,7 +32,7 @@ from gradsurgery import binding
 from gradsurgery import distributed as _distributed
 from gradsurgery.distributed import Distributed
 from gradsurgery.flat import GradientBank
-from gradsurgery.wrappers import amp
+from gradsurgery.wrappers import amp, checks
 from gradsurgery.wrappers.wrapped import WrappedOptimizer
 
 __all__ = ["StepStats", "SurgeryOptimizer"]
@@ -53,22 +52,6 @@ class StepStats(Protocol):
 
 
 StatsT = TypeVar("StatsT", bound=StepStats)
-
-
-def row_names(rows: int | str | Sequence[str], kind: str) -> tuple[str, ...]:
-    """The rows' names: ``"0"``, ``"1"``, … for a count; a single string is one name."""
-    if isinstance(rows, bool):
-        raise ValueError(f"{kind}s must be a count or names, got {rows!r}")
-    if isinstance(rows, int):
-        if rows < 1:
-            raise ValueError(f"{kind}s must be at least 1, got {rows}")
-        return tuple(str(k) for k in range(rows))
-    names = (rows,) if isinstance(rows, str) else tuple(rows)
-    if not names or not all(isinstance(name, str) and name for name in names):
-        raise ValueError(f"{kind}s must be a count or non-empty names, got {rows!r}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"{kind} names must be unique, got {names}")
-    return names
 
 
 class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
@@ -95,6 +78,7 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
     """
 
     row_kind = "row"
+    rewrites_grad = True
 
     def __init__(
         self,
@@ -106,22 +90,11 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         validate: bool = True,
         distributed: Distributed | None = None,
     ) -> None:
-        names = row_names(rows, self.row_kind)
+        names = checks.row_names(rows, self.row_kind)
         _distributed.check(distributed)
         super().__init__(optimizer)
-        inner: Optimizer = optimizer
-        while isinstance(inner, WrappedOptimizer):
-            if isinstance(inner, SurgeryOptimizer):
-                raise ValueError(
-                    f"{type(self).__name__} cannot wrap a {type(inner).__name__}: both would "
-                    "own the parameters' .grad; use one gradient surgery per optimizer"
-                )
-            inner = inner.optimizer
-        _check_inner(inner, type(self).__name__)
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise TypeError(
-                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
-            )
+        checks.check_inner(optimizer, type(self).__name__)
+        checks.check_grad_scaler(grad_scaler)
         self.row_names = names
         self.grad_scaler = grad_scaler
         self.validate = validate
@@ -461,19 +434,3 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         if self.distributed is not None:
             settings["distributed"] = self.distributed
         return settings
-
-
-def _check_inner(optimizer: Optimizer, wrapper: str) -> None:
-    """Refuse an inner optimizer that cannot step a rewritten dense ``.grad``."""
-    if isinstance(optimizer, torch.optim.SparseAdam):
-        raise ValueError(
-            f"{wrapper} cannot wrap SparseAdam: it needs sparse gradients, but a gradient "
-            "surgery keeps dense ones (one flat buffer); wrap Adam or AdamW instead"
-        )
-    closure = inspect.signature(optimizer.step).parameters.get("closure")
-    if closure is not None and closure.default is inspect.Parameter.empty:
-        raise ValueError(
-            f"{wrapper} cannot wrap {type(optimizer).__name__}: its step() requires a closure "
-            "and re-evaluates it (L-BFGS several times per step), and every evaluation would "
-            "need its own surgery; wrap a first-order optimizer (SGD, Adam, AdamW) instead"
-        )

@@ -49,6 +49,8 @@ class WrappedOptimizer(Optimizer):
     """
 
     papers: ClassVar[tuple[Paper, ...]] = ()
+    rewrites_grad: ClassVar[bool] = False
+    """Whether the wrapper owns and rewrites ``.grad`` (a gradient surgery; one per stack)."""
     bibtex: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -25,11 +25,20 @@ when :math:`g^\top \bar g < 0`.
 
 Everything is computed from the Gram of :math:`[g; J]`; the full-size tensors are read
 once for the Gram and once for :math:`x`.
+
+Whenever the result is read back to the host anyway (``validate=True``, or a GradScaler in
+the wrapper), :func:`check_solution` also makes sure of it: a Gram whose diagonal says that
+fp32 accumulation may have underflowed (gradients below about 1e-19) is recomputed without
+underflow, and a device solution that fails the certificate of
+:func:`gradsurgery.qp.kkt_residual` is replaced by the exact host solver's
+(``FALLBACK_SOLVER``), which the solution reports in ``fallback``. Without host reads
+neither happens.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from typing import Literal, NamedTuple
 
 import torch
@@ -39,10 +48,12 @@ from gradsurgery import gram as _gram
 from gradsurgery import qp, sync
 from gradsurgery.errors import NonFiniteGradientError, SolverError
 
-__all__ = ["GEMMode", "GEMSolution", "gem_multipliers", "gem_project"]
+__all__ = ["FALLBACK_SOLVER", "GEMMode", "GEMSolution", "gem_multipliers", "gem_project"]
 
 GEMMode = Literal["gem", "agem"]
 _MODES = ("gem", "agem")
+FALLBACK_SOLVER = "daqp"
+"""The exact host solver that replaces a device solution failing its certificate."""
 
 
 class GEMSolution(NamedTuple):
@@ -53,12 +64,17 @@ class GEMSolution(NamedTuple):
             nothing is violated).
         violated: 0-d bool, whether any constraint was violated (``(Jg)_k < 0``; for
             A-GEM, ``g·ḡ < 0``), i.e. whether ``x ≠ g``.
-        kkt_residual: 0-d, relative KKT residual of the dual solution (0 when not violated).
+        kkt_residual: 0-d, the certificate of :func:`gradsurgery.qp.kkt_residual` (0 when
+            not violated).
+        fallback: 0-d bool, whether the solver's solution failed its certificate and was
+            replaced by ``FALLBACK_SOLVER``'s (only checked when values are read on the host;
+            see :func:`check_solution`).
     """
 
     v: Tensor
     violated: Tensor
     kkt_residual: Tensor
+    fallback: Tensor
 
 
 def check_options(margin: float, mode: str, eps: float) -> None:
@@ -116,7 +132,8 @@ def gem_multipliers(
         if qp.is_host_solver(resolved) and not (bool(violated) and bool(gram.isfinite().all())):
             # The host solver needs the data on the host anyway; skip it when there is
             # nothing to solve (or nothing sane to solve: the caller reports non-finite input).
-            return GEMSolution(torch.zeros_like(b), violated, b.new_zeros(()))
+            no = torch.zeros((), dtype=torch.bool, device=b.device)
+            return GEMSolution(torch.zeros_like(b), violated, b.new_zeros(()), no)
         solution = qp.solve_lower_bounded(K, b, lower, resolved)
         v = solution.v
     zero = torch.zeros((), dtype=v.dtype, device=v.device)
@@ -124,23 +141,89 @@ def gem_multipliers(
         torch.where(violated, v, zero),
         violated,
         torch.where(violated, solution.kkt_residual, zero),
+        torch.zeros((), dtype=torch.bool, device=v.device),
     )
 
 
-def raise_if_failed(finite: bool, kkt_residual: float, solver: str, tolerance: float) -> None:
-    """Raise the error a step must not go past: non-finite input or an inexact solve."""
+class CheckedSolution(NamedTuple):
+    """What :func:`check_solution` read and decided."""
+
+    finite: bool
+    violated: bool
+    gram: Tensor
+    solution: GEMSolution
+
+
+def check_solution(
+    gram: Tensor,
+    solution: GEMSolution,
+    margin: float,
+    *,
+    mode: GEMMode,
+    solver: str,
+    eps: float,
+    exact_gram: Callable[[], Tensor],
+    n: int,
+    dtypes: Iterable[torch.dtype],
+    validate: bool,
+) -> CheckedSolution:
+    """Read a step's outcome on the host (one read) and make sure of it before it is applied.
+
+    1. If the Gram may have underflowed (:func:`gradsurgery.gram.underflow_suspected`),
+       it is replaced by ``exact_gram()`` and the dual solved again (a second read).
+    2. Non-finite input is reported in ``finite`` (nothing else is checked then): the
+       caller raises or skips the step.
+    3. A solution that fails its certificate (KKT residual above
+       :func:`gradsurgery.qp.kkt_tolerance`) is replaced by ``FALLBACK_SOLVER``'s, flagged
+       in ``solution.fallback``; with ``validate``, if even that fails, :class:`SolverError`.
+
+    Args:
+        gram: the step's ``(t + 1, t + 1)`` Gram.
+        solution: its dual solution, from :func:`gem_multipliers`.
+        margin: as for :func:`gem_multipliers`.
+        mode: as for :func:`gem_multipliers`.
+        solver: as for :func:`gem_multipliers`.
+        eps: as for :func:`gem_multipliers`.
+        exact_gram: recomputes the Gram without underflow (reads the gradients again).
+        n: number of columns the Gram was summed over.
+        dtypes: the gradients' dtypes.
+        validate: raise :class:`SolverError` for a solution that no solver could certify.
+    """
+    dtypes = list(dtypes)
+    suspected = _gram.underflow_suspected(gram, n, dtypes)
+    flags = [gram.isfinite().all(), solution.violated, solution.kkt_residual, suspected]
+    finite, violated, kkt, tiny = torch.stack(flags).tolist()
+    if finite and tiny:
+        gram = exact_gram()
+        solution = gem_multipliers(gram, margin, mode=mode, solver=solver, eps=eps)
+        flags = [gram.isfinite().all(), solution.violated, solution.kkt_residual]
+        finite, violated, kkt = torch.stack(flags).tolist()
     if not finite:
-        raise NonFiniteGradientError(
-            "a gradient holds NaN or Inf values (or its squared norm overflows); nothing "
-            "was changed. Check the losses of this step, or pass a GradScaler to skip such "
-            "steps"
-        )
-    if not kkt_residual <= tolerance:
+        return CheckedSolution(False, bool(violated), gram, solution)
+    tolerance = qp.kkt_tolerance(gram.shape[0] - 1, dtypes)
+    resolved = qp.resolve_solver(solver, gram.shape[0] - 1)
+    if violated and not kkt <= tolerance and mode == "gem" and resolved != FALLBACK_SOLVER:
+        exact = gem_multipliers(gram, margin, mode=mode, solver=FALLBACK_SOLVER, eps=eps)
+        solution = exact._replace(fallback=torch.ones_like(exact.fallback))
+        kkt = float(solution.kkt_residual)
+    if validate and not kkt <= tolerance:
         raise SolverError(
-            f"the GEM dual was not solved to tolerance (KKT residual {kkt_residual:.2e} > "
-            f"{tolerance:.1e}, solver {solver!r}); nothing was changed. Try "
-            "solver='daqp' or 'enumerate'"
+            f"the GEM dual could not be solved to a certified tolerance (KKT residual "
+            f"{kkt:.2e} > {tolerance:.1e}, solver {solver!r}, exact fallback "
+            f"{FALLBACK_SOLVER!r} included); nothing was changed. The constraint gradients "
+            "are nearly opposite (the multipliers needed are too large for float64): skip "
+            "this step, or merge or drop the nearly opposite constraints"
         )
+    return CheckedSolution(True, bool(violated), gram, solution)
+
+
+def raise_non_finite() -> None:
+    """Raise the error for non-finite gradients (before the step changes anything)."""
+    raise NonFiniteGradientError(
+        "a gradient holds NaN or Inf values (or its squared norm overflows); nothing "
+        "was changed. Check the losses of this step, or pass a GradScaler to skip such "
+        "steps"
+    )
 
 
 def gem_project(
@@ -205,13 +288,24 @@ def gem_project(
     gram[1:, 1:] = K
     solution = gem_multipliers(gram, margin, mode=mode, solver=solver, eps=eps)
     if validate:
-        finite, violated, kkt = torch.stack(
-            [torch.isfinite(gram).all(), solution.violated, solution.kkt_residual]
-        ).tolist()
-        tolerance = qp.kkt_tolerance(constraints.shape[0], [grad.dtype])
-        raise_if_failed(bool(finite), kkt, solver, tolerance)
-        if not violated:
+        gram[0, 0] = _gram.cross(grad[None], grad)[0]  # for the underflow check only
+        checked = check_solution(
+            gram,
+            solution,
+            margin,
+            mode=mode,
+            solver=solver,
+            eps=eps,
+            exact_gram=lambda: _gram.exact_gram(torch.cat([grad[None], constraints])),
+            n=grad.shape[0],
+            dtypes=[grad.dtype],
+            validate=True,
+        )
+        if not checked.finite:
+            raise_non_finite()
+        if not checked.violated:
             return grad
+        solution = checked.solution
     elif sync.host_reads_are_free(grad.device) and not bool(solution.violated):
         return grad
     return _gram.combine_(grad.clone(), constraints, solution.v, accumulate=True)

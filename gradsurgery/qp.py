@@ -123,11 +123,13 @@ def _subsets(t: int, device: torch.device) -> _Subsets:
     return _Subsets(free, fixed, free[:, :, None] * free[:, None, :], torch.diag_embed(fixed))
 
 
-def _scale(K: Tensor, b: Tensor, lower: Tensor) -> _Scaled:
+def _scale(K: Tensor, b: Tensor, lower: Tensor, unit: Tensor | None) -> _Scaled:
     d = K.diagonal().sqrt()
     d = torch.where(d > 0, d, torch.ones_like(d))
     bn = b / d
     scale = bn.abs().amax()
+    if unit is not None:
+        scale = torch.maximum(scale, unit)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     s = d / scale
     return _Scaled(K / (d[:, None] * d[None, :]), bn / scale, lower * s, s)
@@ -151,25 +153,28 @@ def _certificate(problem: _Scaled, u: Tensor) -> Tensor:
     return worst.amax(dim=(0, -1))
 
 
-def kkt_residual(K: Tensor, b: Tensor, lower: Tensor, v: Tensor) -> Tensor:
+def kkt_residual(
+    K: Tensor, b: Tensor, lower: Tensor, v: Tensor, unit: Tensor | None = None
+) -> Tensor:
     r"""Certificate of optimality of ``v`` (0 at the optimum, up to rounding).
 
-    Measured in the rescaled problem (unit diagonal, ``max |b| = 1``), without dividing by
-    the size of ``v``, as the largest of
+    Measured in the rescaled problem (unit diagonal, ``|b_k| / sqrt(K_kk)`` divided by
+    ``unit``, default its maximum), without dividing by the size of ``v``, as the largest of
 
     * bound violation :math:`(\ell_k - v_k)_+`,
     * infeasibility :math:`(e_k - r_k)_+` of :math:`r = Kv + b`, where :math:`e_k` bounds
       the float64 rounding of :math:`r_k` (so huge multipliers cannot hide a violation),
     * complementarity :math:`\min(v_k - \ell_k, (|r_k| - e_k)_+)`.
 
-    For GEM's dual, :math:`r_k = \langle g_k, x \rangle` and the rescaling divides it by
-    :math:`\lVert g_k \rVert \cdot s` with :math:`s \le \lVert g \rVert`, so a residual
-    :math:`\le \tau` certifies :math:`\langle g_k, x \rangle \ge -\tau \lVert g \rVert
-    \lVert g_k \rVert` for every constraint, with every multiplier above its bound on a
+    For GEM's dual, :math:`r_k = \langle g_k, x \rangle` and ``unit`` is
+    :math:`\lVert g \rVert`: the rescaling divides :math:`r_k` by
+    :math:`\lVert g_k \rVert \lVert g \rVert`, so a residual :math:`\le \tau` certifies
+    :math:`\langle g_k, x \rangle \ge -\tau \lVert g \rVert \lVert g_k \rVert` for every
+    constraint, with every multiplier above its bound on a
     constraint active to within the same tolerance. A convex QP has no other KKT points than
     its minimisers, so this certifies the solution.
     """
-    problem = _scale(K, b, lower)
+    problem = _scale(K, b, lower, unit)
     return _certificate(problem, v * problem.s)
 
 
@@ -315,7 +320,9 @@ def resolve_solver(solver: str, t: int) -> str:
     return solver
 
 
-def solve_lower_bounded(K: Tensor, b: Tensor, lower: Tensor, solver: str = "auto") -> QPSolution:
+def solve_lower_bounded(
+    K: Tensor, b: Tensor, lower: Tensor, solver: str = "auto", unit: Tensor | None = None
+) -> QPSolution:
     """Solve ``min ½ vᵀKv + bᵀv  s.t.  v ≥ lower`` exactly.
 
     Args:
@@ -324,6 +331,9 @@ def solve_lower_bounded(K: Tensor, b: Tensor, lower: Tensor, solver: str = "auto
         lower: ``(t,)`` float64 lower bounds.
         solver: ``"auto"`` (see :func:`resolve_solver`), ``"closed_form"`` (``t = 1``),
             ``"enumerate"`` (any ``t``, but ``2^t`` linear systems), or a qpsolvers backend.
+        unit: 0-d, the problem's own scale, at least ``|b_k| / sqrt(K_kk)`` for every ``k``
+            (``‖g‖`` for GEM's dual); the certificate is relative to it. Default: the
+            largest ``|b_k| / sqrt(K_kk)``, which is stricter.
 
     Returns:
         The minimiser and its KKT residual (see :func:`kkt_residual`), on ``K``'s device.
@@ -334,7 +344,7 @@ def solve_lower_bounded(K: Tensor, b: Tensor, lower: Tensor, solver: str = "auto
         SolverError: a qpsolvers backend failed.
     """
     solver = resolve_solver(solver, K.shape[0])
-    problem = _scale(K, b, lower)
+    problem = _scale(K, b, lower, unit)
     if solver == "closed_form":
         u = torch.maximum(problem.lower, -problem.b)
     elif solver == "enumerate":

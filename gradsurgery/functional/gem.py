@@ -117,13 +117,16 @@ def gem_multipliers(
     b = gram[1:, 0]
     K = gram[1:, 1:]
     t = b.shape[0]
+    unit = gram[0, 0].clamp(min=0).sqrt()
     if eps:
         K = K + eps * torch.eye(t, dtype=K.dtype, device=K.device)
     if mode == "agem":
         b_ref = (b.sum() / t).reshape(1)
         K_ref = (K.sum() / t**2).reshape(1, 1)
         violated = b_ref[0] < 0
-        solution = qp.solve_lower_bounded(K_ref, b_ref, b_ref.new_full((1,), margin), "closed_form")
+        solution = qp.solve_lower_bounded(
+            K_ref, b_ref, b_ref.new_full((1,), margin), "closed_form", unit
+        )
         v = solution.v.expand(t) / t
     else:
         violated = (b < 0).any()
@@ -134,7 +137,7 @@ def gem_multipliers(
             # nothing to solve (or nothing sane to solve: the caller reports non-finite input).
             no = torch.zeros((), dtype=torch.bool, device=b.device)
             return GEMSolution(torch.zeros_like(b), violated, b.new_zeros(()), no)
-        solution = qp.solve_lower_bounded(K, b, lower, resolved)
+        solution = qp.solve_lower_bounded(K, b, lower, resolved, unit)
         v = solution.v
     zero = torch.zeros((), dtype=v.dtype, device=v.device)
     return GEMSolution(
@@ -286,9 +289,9 @@ def gem_project(
     gram[1:, 0] = b
     gram[0, 1:] = b
     gram[1:, 1:] = K
+    gram[0, 0] = _gram.cross(grad[None], grad)[0]
     solution = gem_multipliers(gram, margin, mode=mode, solver=solver, eps=eps)
     if validate:
-        gram[0, 0] = _gram.cross(grad[None], grad)[0]  # for the underflow check only
         checked = check_solution(
             gram,
             solution,

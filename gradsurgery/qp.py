@@ -123,13 +123,11 @@ def _subsets(t: int, device: torch.device) -> _Subsets:
     return _Subsets(free, fixed, free[:, :, None] * free[:, None, :], torch.diag_embed(fixed))
 
 
-def _scale(K: Tensor, b: Tensor, lower: Tensor, unit: Tensor | None) -> _Scaled:
+def _scale(K: Tensor, b: Tensor, lower: Tensor) -> _Scaled:
     d = K.diagonal().sqrt()
     d = torch.where(d > 0, d, torch.ones_like(d))
     bn = b / d
     scale = bn.abs().amax()
-    if unit is not None:
-        scale = torch.maximum(scale, unit)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     s = d / scale
     return _Scaled(K / (d[:, None] * d[None, :]), bn / scale, lower * s, s)
@@ -153,6 +151,19 @@ def _certificate(problem: _Scaled, u: Tensor) -> Tensor:
     return worst.amax(dim=(0, -1))
 
 
+def _unit_ratio(K: Tensor, b: Tensor, unit: Tensor | None) -> Tensor:
+    """``max_k |b_k| / sqrt(K_kk)`` over ``unit`` (at most 1): the certificate's change of unit.
+
+    The solvers work with ``max |b| = 1``; rescaling the problem to ``unit`` instead
+    multiplies ``u``, ``Ku + b`` and the rounding bound alike, hence the certificate.
+    """
+    if unit is None:
+        return torch.ones((), dtype=b.dtype, device=b.device)
+    d = K.diagonal().sqrt()
+    scale = (b / torch.where(d > 0, d, torch.ones_like(d))).abs().amax()
+    return torch.where(unit > scale, scale / unit, torch.ones_like(scale))
+
+
 def kkt_residual(
     K: Tensor, b: Tensor, lower: Tensor, v: Tensor, unit: Tensor | None = None
 ) -> Tensor:
@@ -174,8 +185,8 @@ def kkt_residual(
     constraint active to within the same tolerance. A convex QP has no other KKT points than
     its minimisers, so this certifies the solution.
     """
-    problem = _scale(K, b, lower, unit)
-    return _certificate(problem, v * problem.s)
+    problem = _scale(K, b, lower)
+    return _certificate(problem, v * problem.s) * _unit_ratio(K, b, unit)
 
 
 def _enumerate(problem: _Scaled) -> Tensor:
@@ -344,7 +355,7 @@ def solve_lower_bounded(
         SolverError: a qpsolvers backend failed.
     """
     solver = resolve_solver(solver, K.shape[0])
-    problem = _scale(K, b, lower, unit)
+    problem = _scale(K, b, lower)
     if solver == "closed_form":
         u = torch.maximum(problem.lower, -problem.b)
     elif solver == "enumerate":
@@ -352,4 +363,4 @@ def solve_lower_bounded(
     else:
         u = _qpsolvers(problem, solver)
     v = torch.maximum(u / problem.s, lower)  # undo the rescaling without rounding below a bound
-    return QPSolution(v, _certificate(problem, u))
+    return QPSolution(v, _certificate(problem, u) * _unit_ratio(K, b, unit))

@@ -1,8 +1,13 @@
-"""Independent float64 reference for the GEM projection: NNLS (Lawson-Hanson) in SciPy.
+"""Independent float64 references for the GEM projection.
 
-With ``u = v - m ≥ 0`` the dual ``min ½‖g + Jᵀv‖²  s.t.  v ≥ m`` is the non-negative least
-squares problem ``min ‖Jᵀu − y‖  s.t.  u ≥ 0`` with ``y = −(g + m Jᵀ1)``; SciPy's ``nnls``
-solves it on the full ``(p, t)`` matrix, sharing no code with the library's solvers.
+:func:`project` uses NNLS (Lawson-Hanson) in SciPy. With ``u = v - m ≥ 0`` the dual
+``min ½‖g + Jᵀv‖²  s.t.  v ≥ m`` is the non-negative least squares problem
+``min ‖Jᵀu − y‖  s.t.  u ≥ 0`` with ``y = −(g + m Jᵀ1)``; SciPy's ``nnls`` solves it on the
+full ``(p, t)`` matrix, sharing no code with the library's solvers.
+
+:func:`project_brute` works on the primal instead, by brute force over active sets, with
+SVD-based pseudo-inverses: exact on rank-deficient and duplicated rows, where the dual has
+no unique solution. The tests check that the two agree on dependent constraints.
 """
 
 import itertools
@@ -27,6 +32,29 @@ def project(g: np.ndarray, J: np.ndarray, margin: float = 0.0) -> np.ndarray:
     if np.all(J @ g >= 0):
         return g
     return solve_dual(g, J, margin)
+
+
+def project_brute(g: np.ndarray, J: np.ndarray) -> np.ndarray:
+    """The Euclidean projection of ``g`` onto ``{x : Jx ≥ 0}``, by brute force (``t ≤ 10``).
+
+    The projection lies in the relative interior of a face ``{Jx ≥ 0, J_A x = 0}`` of the
+    cone, near which the cone coincides with the subspace ``ker J_A``; so it is the
+    projection of ``g`` onto ``ker J_A`` for some subset ``A`` of the rows. Every subset is
+    tried (``g − pinv(J_A) J_A g`` on unit rows, singular values below 1e-12 of the largest
+    treated as zero), and the closest feasible candidate wins. Shares nothing with the dual.
+    """
+    g = np.asarray(g, dtype=np.float64)
+    J = np.asarray(J, dtype=np.float64)
+    if np.all(J @ g >= 0):
+        return g
+    norms = np.linalg.norm(J, axis=1)
+    unit = J / np.where(norms > 0, norms, 1.0)[:, None]  # the same cone and the same kernels
+    masks = np.array(list(itertools.product([0.0, 1.0], repeat=len(J))))
+    J_A = masks[:, :, None] * unit[None]
+    candidates = g[None] - np.einsum("spt,st->sp", np.linalg.pinv(J_A, rcond=1e-12), J_A @ g)
+    feasible = np.all(candidates @ unit.T >= -1e-12 * np.linalg.norm(g), axis=1)
+    distance = np.where(feasible, np.linalg.norm(candidates - g, axis=1), np.inf)
+    return candidates[np.argmin(distance)]
 
 
 def project_agem(g: np.ndarray, J: np.ndarray, margin: float = 0.0) -> np.ndarray:

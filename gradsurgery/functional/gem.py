@@ -109,15 +109,20 @@ def gem_multipliers(
             increase. Leave it at 0 for the exact projection.
 
     Returns:
-        The multipliers, whether a constraint was violated, and the KKT residual. When the
-        solver runs on the device (``"closed_form"``, ``"enumerate"``), nothing is copied
-        to the host.
+        The multipliers, whether a constraint was violated, the KKT residual and whether
+        ``FALLBACK_SOLVER`` replaced a host backend that gave no answer. When the solver
+        runs on the device (``"closed_form"``, ``"enumerate"``), nothing is copied to the
+        host.
+
+    Raises:
+        SolverError: even ``FALLBACK_SOLVER`` gave no answer.
     """
     check_options(margin, mode, eps)
     b = gram[1:, 0]
     K = gram[1:, 1:]
     t = b.shape[0]
     unit = gram[0, 0].clamp(min=0).sqrt()
+    fallback = False
     if eps:
         K = K + eps * torch.eye(t, dtype=K.dtype, device=K.device)
     if mode == "agem":
@@ -137,14 +142,21 @@ def gem_multipliers(
             # nothing to solve (or nothing sane to solve: the caller reports non-finite input).
             no = torch.zeros((), dtype=torch.bool, device=b.device)
             return GEMSolution(torch.zeros_like(b), violated, b.new_zeros(()), no)
-        solution = qp.solve_lower_bounded(K, b, lower, resolved, unit)
+        try:
+            solution = qp.solve_lower_bounded(K, b, lower, resolved, unit)
+        except SolverError:
+            if resolved == FALLBACK_SOLVER:
+                raise
+            # osqp, clarabel, quadprog may give no answer on dependent constraints
+            solution = qp.solve_lower_bounded(K, b, lower, FALLBACK_SOLVER, unit)
+            fallback = True
         v = solution.v
     zero = torch.zeros((), dtype=v.dtype, device=v.device)
     return GEMSolution(
         torch.where(violated, v, zero),
         violated,
         torch.where(violated, solution.kkt_residual, zero),
-        torch.zeros((), dtype=torch.bool, device=v.device),
+        torch.full((), fallback, dtype=torch.bool, device=v.device),
     )
 
 

@@ -40,6 +40,7 @@ def wrapper_step(problem: Problem) -> torch.Tensor:
     with opt.constraint():
         (weight * problem.J[0]).sum().backward()
     opt.step()
+    assert opt.last_stats is not None
     assert bool(opt.last_stats.projected)
     return -weight.detach()
 

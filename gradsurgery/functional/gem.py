@@ -47,6 +47,7 @@ from torch import Tensor
 from gradsurgery import gram as _gram
 from gradsurgery import qp, sync
 from gradsurgery.errors import NonFiniteGradientError, SolverError
+from gradsurgery.functional.validation import check_no_autograd
 
 __all__ = ["FALLBACK_SOLVER", "GEMMode", "GEMSolution", "gem_multipliers", "gem_project"]
 
@@ -115,9 +116,12 @@ def gem_multipliers(
         host.
 
     Raises:
+        ValueError: bad options, or ``gram`` requires grad while grad mode is on (the
+            solve is not differentiable: pass ``gram.detach()``).
         SolverError: even ``FALLBACK_SOLVER`` gave no answer.
     """
     check_options(margin, mode, eps)
+    check_no_autograd("gem_multipliers", gram=gram)
     b = gram[1:, 0]
     K = gram[1:, 1:]
     t = b.shape[0]
@@ -273,9 +277,14 @@ def gem_project(
         ``validate=True``), ``grad`` itself is returned: no copy.
 
     Raises:
-        ValueError: shapes, devices or dtypes that do not match, or bad options.
+        ValueError: shapes, devices or dtypes that do not match, bad options, or an input
+            that requires grad while grad mode is on (the projection is not differentiated
+            through: pass ``grad.detach()`` and ``constraints.detach()``).
+        NonFiniteGradientError: NaN or Inf input (with ``validate``).
+        SolverError: no solver could certify the solution (with ``validate``).
     """
     check_options(margin, mode, eps)
+    check_no_autograd("gem_project", grad=grad, constraints=constraints)
     if grad.dim() != 1:
         raise ValueError(f"grad must be 1-D (p,), got shape {tuple(grad.shape)}")
     if constraints.dim() != 2 or constraints.shape[1] != grad.shape[0]:

@@ -13,10 +13,10 @@ polyhedral cone (GEM). Solvers:
     ``t = 1`` only: ``v = max(ℓ, −b/K)``.
 ``"enumerate"``
     Exact, on the tensors' device, without host synchronisation: every one of the
-    :math:`2^t` choices of free variables gives a linear system; the optimum is the
-    candidate that satisfies the KKT conditions with the lowest objective. All candidates
-    are solved in one batched call, so the cost is a fixed number of kernel launches
-    whatever the data. ``"auto"`` picks it for ``2 ≤ t ≤ MAX_ENUMERATE``.
+    :math:`2^t` choices of free variables gives a linear system; the answer is the
+    candidate with the best certificate (:func:`kkt_residual`), which no candidate with
+    huge multipliers from a singular system can pass. All candidates are solved in one
+    batched call, so the cost is a fixed number of kernel launches whatever the data. ``"auto"`` picks it for ``2 ≤ t ≤ MAX_ENUMERATE``.
 any qpsolvers backend (``"daqp"``, ``"quadprog"``, ``"osqp"``, ``"clarabel"``, ...)
     On the CPU in float64 (for accelerator tensors, one device-to-host copy of ``t² + t``
     numbers), then finished exactly by active-set (Lawson–Hanson) steps started from the

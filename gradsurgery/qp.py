@@ -16,7 +16,8 @@ polyhedral cone (GEM). Solvers:
     :math:`2^t` choices of free variables gives a linear system; the answer is the
     candidate with the best certificate (:func:`kkt_residual`), which no candidate with
     huge multipliers from a singular system can pass. All candidates are solved in one
-    batched call, so the cost is a fixed number of kernel launches whatever the data. ``"auto"`` picks it for ``2 ≤ t ≤ MAX_ENUMERATE``.
+    batched call, so the cost is a fixed number of kernel launches whatever the data.
+    ``"auto"`` picks it for ``2 ≤ t ≤ MAX_ENUMERATE``.
 any qpsolvers backend (``"daqp"``, ``"quadprog"``, ``"osqp"``, ``"clarabel"``, ...)
     On the CPU in float64 (for accelerator tensors, one device-to-host copy of ``t² + t``
     numbers), then finished exactly by active-set (Lawson–Hanson) steps started from the

@@ -24,7 +24,8 @@ given by the mean memory gradient :math:`\bar g = \tfrac1t \sum_k g_k` instead:
 when :math:`g^\top \bar g < 0`.
 
 Everything is computed from the Gram of :math:`[g; J]`; the full-size tensors are read
-once for the Gram and once for :math:`x`.
+once for the Gram and once for :math:`x` (:func:`gem_project` reads :math:`g` once more,
+for its norm: the certificate's unit).
 
 Whenever the result is read back to the host anyway (``validate=True``, or a GradScaler in
 the wrapper), :func:`check_solution` also makes sure of it: a Gram whose diagonal says that
@@ -266,10 +267,12 @@ def gem_project(
         eps: absolute ridge of the original GEM code (inexact; see
             :func:`gem_multipliers`).
         validate: raise :class:`~gradsurgery.errors.NonFiniteGradientError` for NaN/Inf
-            input and :class:`~gradsurgery.errors.SolverError` for an inexact solve. On an
-            accelerator this reads three numbers back to the host; with ``False`` the call
-            is free of host synchronisation (given a device solver) and always returns a
-            new tensor.
+            input, and certify the solution (:func:`check_solution`: an underflowed Gram
+            is recomputed, an uncertified solution re-solved by ``FALLBACK_SOLVER``,
+            :class:`~gradsurgery.errors.SolverError` if that fails too). On an
+            accelerator this reads four numbers back to the host (more in those rare
+            cases); with ``False`` the call is free of host synchronisation (given a
+            device solver), checks nothing, and always returns a new tensor.
 
     Returns:
         ``x = grad + constraintsᵀ v``, same shape, dtype and device as ``grad``. When no

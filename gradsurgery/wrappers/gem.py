@@ -170,8 +170,10 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         eps: absolute ridge of the original GEM code (1e-3 there). It makes the projection
             inexact, ``⟨g_k, x⟩ = −eps·v_k`` on active constraints; keep 0.
         grad_scaler: the ``torch.amp.GradScaler`` scaling every backward pass, if any.
-        validate: raise on NaN/Inf gradients and on an inexact solve, before changing
-            anything (one small host read per step on an accelerator).
+        validate: raise on NaN/Inf gradients, and certify the solution (an uncertified
+            one is re-solved by DAQP, counted in ``GEMStats.fallback``; ``SolverError`` if
+            that fails too), before changing anything (one small host read per step on an
+            accelerator). See ``docs/gem.md``.
         distributed: ``None``, :class:`~gradsurgery.distributed.Replicated` (DDP) or
             :class:`~gradsurgery.distributed.Sharded` (FSDP2); see ``docs/distributed.md``.
 

@@ -100,6 +100,24 @@ def test_rank_deficient_rows_in_many_dimensions(problem):
     assert float(x.norm()) <= float(problem.g.norm()) * (1 + RTOL)
 
 
+@pytest.mark.parametrize("seed", [5, 40])
+def test_issue_rank_one_rows_in_hundreds_of_dimensions(seed):
+    # seven multiples of one vector (both signs) in p = 836 and 781: the enumeration used to
+    # return x with a cosine of -0.076 (-0.054) to a memory gradient and ‖x‖ > ‖g‖
+    rng = np.random.default_rng(seed)
+    p, t = int(rng.integers(500, 1001)), int(rng.integers(3, 9))
+    rank = int(rng.integers(1, t))
+    assert (p, t, rank) == ((836, 7, 1) if seed == 5 else (781, 7, 1))
+    J = rng.standard_normal((t, rank)) @ rng.standard_normal((rank, p))
+    J *= 10.0 ** rng.uniform(-2, 2, size=(t, 1))
+    unit_rows = J / np.linalg.norm(J, axis=1, keepdims=True)
+    g = rng.standard_normal(p) - unit_rows.sum(axis=0) * rng.uniform(0, 3)
+    problem = Problem(torch.tensor(g), torch.tensor(J))
+    x = gem_project(problem.g, problem.J)
+    assert_is_the_projection(problem, x)
+    assert float(x.norm()) <= float(problem.g.norm())
+
+
 @given(dependent_problems())
 def test_every_solver_is_certified_on_dependent_constraints(problem):
     # OSQP and Clarabel may give no answer on such problems; DAQP then takes over

@@ -179,10 +179,11 @@ def kkt_residual(
     * complementarity :math:`\min(v_k - \ell_k, (|r_k| - e_k)_+)`.
 
     For GEM's dual, :math:`r_k = \langle g_k, x \rangle` and ``unit`` is
-    :math:`\lVert g \rVert`: the rescaling divides :math:`r_k` by
-    :math:`\lVert g_k \rVert \lVert g \rVert`, so a residual :math:`\le \tau` certifies
+    :math:`\lVert g \rVert` (plus :math:`m \sum_k \lVert g_k \rVert` with a margin
+    :math:`m`): the rescaling divides :math:`r_k` by :math:`\lVert g_k \rVert` times it, so
+    a residual :math:`\le \tau` certifies
     :math:`\langle g_k, x \rangle \ge -\tau \lVert g \rVert \lVert g_k \rVert` for every
-    constraint, with every multiplier above its bound on a
+    constraint (without a margin), with every multiplier above its bound on a
     constraint active to within the same tolerance. A convex QP has no other KKT points than
     its minimisers, so this certifies the solution.
     """
@@ -344,7 +345,7 @@ def solve_lower_bounded(
         solver: ``"auto"`` (see :func:`resolve_solver`), ``"closed_form"`` (``t = 1``),
             ``"enumerate"`` (any ``t``, but ``2^t`` linear systems), or a qpsolvers backend.
         unit: 0-d, the problem's own scale, at least ``|b_k| / sqrt(K_kk)`` for every ``k``
-            (``‖g‖`` for GEM's dual); the certificate is relative to it. Default: the
+            (``‖g‖ + m Σ_k ‖g_k‖`` for GEM's dual); the certificate is relative to it. Default: the
             largest ``|b_k| / sqrt(K_kk)``, which is stricter.
 
     Returns:

@@ -126,7 +126,8 @@ def gem_multipliers(
     b = gram[1:, 0]
     K = gram[1:, 1:]
     t = b.shape[0]
-    unit = gram[0, 0].clamp(min=0).sqrt()
+    # the size of the terms of x = g + Jᵀv when every v_k sits at its bound m
+    unit = gram[0, 0].clamp(min=0).sqrt() + margin * K.diagonal().clamp(min=0).sqrt().sum()
     fallback = False
     if eps:
         K = K + eps * torch.eye(t, dtype=K.dtype, device=K.device)

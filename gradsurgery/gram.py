@@ -16,10 +16,10 @@ CPU_CHUNK`` on the CPU (cache-sized: a fresh large buffer per chunk costs the CP
 page faults than the arithmetic); either way independent of the model size.
 
 Gradients so small that their squares leave the range of the accumulation dtype (fp32
-gradients below about 1e-19) underflow in the Gram. :func:`underflow_suspected` tells from
-the Gram alone (no pass over the gradients) when that may have happened, and
-:func:`exact_gram` then recomputes it from rows rescaled by powers of two, at the cost of
-two more passes that the normal case never makes.
+gradients below about 1e-19) underflow in the Gram; above about 1e19 they overflow it.
+:func:`underflow_suspected` tells from the Gram alone (no pass over the gradients) when
+underflow may have happened, and :func:`exact_gram` then recomputes it from rows rescaled
+by powers of two, at the cost of two more passes that the normal case never makes.
 """
 
 from __future__ import annotations

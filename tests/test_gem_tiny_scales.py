@@ -104,3 +104,12 @@ def test_normal_gradients_take_no_extra_pass(monkeypatch):
     problem = conflicting_pair(1.0, 1e-3, torch.float32)
     assert cosine(gem_project(problem.g, problem.J), problem.J[0]) >= -1e-6
     assert cosine(wrapper_step(problem), problem.J[0]) >= -1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_conflict_between_huge_finite_gradients_is_projected_not_refused(dtype):
+    problem = conflicting_pair(1e25, 1e22, dtype)
+    assert not bool(torch.isfinite(gram_module.gram(problem.J)).all())  # 1e44 > fp32 max
+    for x in (gem_project(problem.g, problem.J), wrapper_step(problem)):
+        assert bool(torch.isfinite(x).all())
+        assert cosine(x, problem.J[0]) >= -4 * torch.finfo(dtype).eps

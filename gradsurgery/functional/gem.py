@@ -29,11 +29,11 @@ for its norm: the certificate's unit).
 
 Whenever the result is read back to the host anyway (``validate=True``, or a GradScaler in
 the wrapper), :func:`check_solution` also makes sure of it: a Gram whose diagonal says that
-fp32 accumulation may have underflowed (gradients below about 1e-19) is recomputed without
-underflow, and a device solution that fails the certificate of
-:func:`gradsurgery.qp.kkt_residual` is replaced by the exact host solver's
-(``FALLBACK_SOLVER``), which the solution reports in ``fallback``. Without host reads
-neither happens.
+fp32 accumulation may have underflowed (gradients below about 1e-19), or that is not finite
+(gradients above about 1e19 overflow it), is recomputed in float64 from rescaled rows,
+and a solution that fails the certificate of :func:`gradsurgery.qp.kkt_residual` is
+replaced by the exact host solver's (``FALLBACK_SOLVER``), which the solution reports in
+``fallback``. Without host reads neither happens.
 """
 
 from __future__ import annotations
@@ -190,10 +190,11 @@ def check_solution(
 ) -> CheckedSolution:
     """Read a step's outcome on the host (one read) and make sure of it before it is applied.
 
-    1. If the Gram may have underflowed (:func:`gradsurgery.gram.underflow_suspected`),
-       it is replaced by ``exact_gram()`` and the dual solved again (a second read).
-    2. Non-finite input is reported in ``finite`` (nothing else is checked then): the
-       caller raises or skips the step.
+    1. If the Gram may have underflowed (:func:`gradsurgery.gram.underflow_suspected`)
+       or is not finite, it is replaced by ``exact_gram()`` and the dual solved again (a
+       second read): finite gradients whose squares overflow fp32 are then accepted.
+    2. Non-finite input (or a Gram that overflows even float64) is reported in ``finite``
+       (nothing else is checked then): the caller raises or skips the step.
     3. A solution that fails its certificate (KKT residual above
        :func:`gradsurgery.qp.kkt_tolerance`) is replaced by ``FALLBACK_SOLVER``'s, flagged
        in ``solution.fallback``; with ``validate``, if even that fails, :class:`SolverError`.
@@ -214,7 +215,7 @@ def check_solution(
     suspected = _gram.underflow_suspected(gram, n, dtypes)
     flags = [gram.isfinite().all(), solution.violated, solution.kkt_residual, suspected]
     finite, violated, kkt, tiny = torch.stack(flags).tolist()
-    if finite and tiny:
+    if tiny or not finite:  # underflow, or fp32 squares above 3e38 from finite gradients
         gram = exact_gram()
         solution = gem_multipliers(gram, margin, mode=mode, solver=solver, eps=eps)
         flags = [gram.isfinite().all(), solution.violated, solution.kkt_residual]

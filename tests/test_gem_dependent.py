@@ -225,7 +225,7 @@ def projection_failures(g: np.ndarray, J: np.ndarray, v: np.ndarray) -> np.ndarr
 @pytest.mark.slow
 def test_search_of_small_integer_problems_finds_no_failure():
     # 105,000 problems in 2-4 dimensions with 2-8 rows of entries in [-3, 3], batched
-    # through the device path (enumeration alone, no fallback). Measured 12-25 s on one (shared) core.
+    # through the device path (enumeration alone, no fallback). 12-25 s on one shared core.
     solve = torch.vmap(gem_multipliers)
     rng = np.random.default_rng(12)
     failures, searched, started = 0, 0, time.perf_counter()

@@ -14,11 +14,18 @@ rounds to the gradient's own dtype. Each chunk is upcast into one reused fp32 bu
 ``r · CHUNK`` values on accelerators (large chunks: few kernel launches) and ``r ·
 CPU_CHUNK`` on the CPU (cache-sized: a fresh large buffer per chunk costs the CPU more in
 page faults than the arithmetic); either way independent of the model size.
+
+Gradients so small that their squares leave the range of the accumulation dtype (fp32
+gradients below about 1e-19) underflow in the Gram; above about 1e19 they overflow it.
+:func:`underflow_suspected` tells from the Gram alone (no pass over the gradients) when
+underflow may have happened, and :func:`exact_gram` then recomputes it from rows rescaled
+by powers of two, at the cost of two more passes that the normal case never makes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -31,8 +38,10 @@ __all__ = [
     "combine_overflows",
     "compute_dtype",
     "cross",
+    "exact_gram",
     "gram",
     "ieee_fp32_matmul",
+    "underflow_suspected",
 ]
 
 CHUNK = 1 << 22
@@ -95,6 +104,41 @@ def gram(block: Tensor) -> Tensor:
             acc = torch.zeros(rows, rows, dtype=torch.float64, device=block.device)
             for _, chunk in _upcast_chunks(block):
                 acc += _full_precision_gram(chunk)
+    return (acc + acc.T) / 2
+
+
+def underflow_suspected(gram: Tensor, n: int, dtypes: Iterable[torch.dtype]) -> Tensor:
+    r"""0-d bool: whether a Gram of ``n``-column rows may have lost values to underflow.
+
+    A dot product of ``n`` terms accumulated in a dtype with smallest normal number
+    :math:`\tau` and machine epsilon :math:`\varepsilon` loses at most about
+    :math:`n \tau \varepsilon` to underflow. It is suspected when a diagonal entry (a
+    squared norm) is below :math:`n \tau / \varepsilon`, where that loss could matter; a
+    zero row is suspected too, since a row of tiny values may have summed to zero.
+    """
+    precisions = [torch.finfo(compute_dtype(dtype)) for dtype in dtypes]
+    threshold = max((n * info.tiny / info.eps for info in precisions), default=0.0)
+    return (gram.diagonal() < threshold).any()
+
+
+def exact_gram(block: Tensor) -> Tensor:
+    """``block @ block.T`` in float64 without underflow, for rows of any magnitude.
+
+    Each row is scaled by the power of two that brings its largest entry to ``[0.5, 1)``
+    (exact), the scaled rows are multiplied in float64 chunks, and the scales are undone
+    in float64. Reads ``block`` twice and allocates one float64 chunk at a time; meant for
+    the rare steps where :func:`underflow_suspected` is true.
+    """
+    rows, n = block.shape
+    amax = torch.linalg.vector_norm(block, ord=math.inf, dim=1).double()
+    exponent = torch.frexp(amax).exponent
+    scale = torch.ldexp(torch.ones_like(amax), -exponent)
+    acc = torch.zeros(rows, rows, dtype=torch.float64, device=block.device)
+    width = CPU_CHUNK if block.device.type == "cpu" else CHUNK
+    for start in range(0, n, width):
+        chunk = block[:, start : start + width].double() * scale[:, None]
+        acc += chunk @ chunk.T
+    acc = torch.ldexp(acc, exponent[:, None] + exponent[None, :])
     return (acc + acc.T) / 2
 
 

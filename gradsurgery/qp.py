@@ -13,10 +13,11 @@ polyhedral cone (GEM). Solvers:
     ``t = 1`` only: ``v = max(ℓ, −b/K)``.
 ``"enumerate"``
     Exact, on the tensors' device, without host synchronisation: every one of the
-    :math:`2^t` choices of free variables gives a linear system; the optimum is the
-    candidate that satisfies the KKT conditions with the lowest objective. All candidates
-    are solved in one batched call, so the cost is a fixed number of kernel launches
-    whatever the data. ``"auto"`` picks it for ``2 ≤ t ≤ MAX_ENUMERATE``.
+    :math:`2^t` choices of free variables gives a linear system; the answer is the
+    candidate with the best certificate (:func:`kkt_residual`), which no candidate with
+    huge multipliers from a singular system can pass. All candidates are solved in one
+    batched call, so the cost is a fixed number of kernel launches whatever the data.
+    ``"auto"`` picks it for ``2 ≤ t ≤ MAX_ENUMERATE``.
 any qpsolvers backend (``"daqp"``, ``"quadprog"``, ``"osqp"``, ``"clarabel"``, ...)
     On the CPU in float64 (for accelerator tensors, one device-to-host copy of ``t² + t``
     numbers), then finished exactly by active-set (Lawson–Hanson) steps started from the
@@ -77,6 +78,7 @@ def kkt_tolerance(t: int, gradient_dtypes: Iterable[torch.dtype]) -> float:
 
 
 _KKT_TOL = 1e-9
+_EPS = torch.finfo(torch.float64).eps
 # Interior-point and ADMM backends stop early at their default tolerances (OSQP off by up
 # to 6 %, Clarabel by 5e-6 relative on GEM duals); these settings make them exact to 1e-8.
 _BACKEND_OPTIONS: dict[str, dict[str, Any]] = {
@@ -132,24 +134,61 @@ def _scale(K: Tensor, b: Tensor, lower: Tensor) -> _Scaled:
     return _Scaled(K / (d[:, None] * d[None, :]), bn / scale, lower * s, s)
 
 
-def _kkt(problem: _Scaled, u: Tensor) -> Tensor:
-    r = problem.K @ u + problem.b
-    slack = u - problem.lower
+def _certificate(problem: _Scaled, u: Tensor) -> Tensor:
+    """The certificate of :func:`kkt_residual` for candidates ``u`` of shape ``(..., t)``."""
+    K, b, lower = problem.K, problem.b, problem.lower
+    r = u @ K.T + b
+    # What float64 rounding may have hidden in r: a candidate with huge multipliers (a
+    # singular system solved as if it were not) has a tiny computed r but a large bound.
+    rounding = (K.shape[0] + 4) * _EPS * (u.abs() @ K.abs().T + b.abs())
+    slack = u - lower
     worst = torch.stack(
-        [slack.neg().clamp(min=0), r.neg().clamp(min=0), torch.minimum(slack, r).abs()]
-    ).amax()
-    return worst / (1 + u.abs().amax())
+        [
+            slack.neg().clamp(min=0),
+            (rounding - r).clamp(min=0),
+            torch.minimum(slack, r.abs() - rounding).clamp(min=0),
+        ]
+    )
+    return worst.amax(dim=(0, -1))
 
 
-def kkt_residual(K: Tensor, b: Tensor, lower: Tensor, v: Tensor) -> Tensor:
-    """Largest violation of the KKT conditions of the problem at ``v`` (0 at the optimum).
+def _unit_ratio(K: Tensor, b: Tensor, unit: Tensor | None) -> Tensor:
+    """``max_k |b_k| / sqrt(K_kk)`` over ``unit`` (at most 1): the certificate's change of unit.
 
-    Measured in the rescaled problem (unit diagonal, ``max |b| = 1``) as the largest of
-    primal infeasibility ``(ℓ − v)₊``, dual infeasibility ``(−(Kv + b))₊`` and
-    complementarity ``|min(v − ℓ, Kv + b)|``, relative to ``1 + |v|_∞``.
+    The solvers work with ``max |b| = 1``; rescaling the problem to ``unit`` instead
+    multiplies ``u``, ``Ku + b`` and the rounding bound alike, hence the certificate.
+    """
+    if unit is None:
+        return torch.ones((), dtype=b.dtype, device=b.device)
+    d = K.diagonal().sqrt()
+    scale = (b / torch.where(d > 0, d, torch.ones_like(d))).abs().amax()
+    return torch.where(unit > scale, scale / unit, torch.ones_like(scale))
+
+
+def kkt_residual(
+    K: Tensor, b: Tensor, lower: Tensor, v: Tensor, unit: Tensor | None = None
+) -> Tensor:
+    r"""Certificate of optimality of ``v`` (0 at the optimum, up to rounding).
+
+    Measured in the rescaled problem (unit diagonal, ``|b_k| / sqrt(K_kk)`` divided by
+    ``unit``, default its maximum), without dividing by the size of ``v``, as the largest of
+
+    * bound violation :math:`(\ell_k - v_k)_+`,
+    * infeasibility :math:`(e_k - r_k)_+` of :math:`r = Kv + b`, where :math:`e_k` bounds
+      the float64 rounding of :math:`r_k` (so huge multipliers cannot hide a violation),
+    * complementarity :math:`\min(v_k - \ell_k, (|r_k| - e_k)_+)`.
+
+    For GEM's dual, :math:`r_k = \langle g_k, x \rangle` and ``unit`` is
+    :math:`\lVert g \rVert` (plus :math:`m \sum_k \lVert g_k \rVert` with a margin
+    :math:`m`): the rescaling divides :math:`r_k` by :math:`\lVert g_k \rVert` times it, so
+    a residual :math:`\le \tau` certifies
+    :math:`\langle g_k, x \rangle \ge -\tau \lVert g \rVert \lVert g_k \rVert` for every
+    constraint (without a margin), with every multiplier above its bound on a
+    constraint active to within the same tolerance. A convex QP has no other KKT points than
+    its minimisers, so this certifies the solution.
     """
     problem = _scale(K, b, lower)
-    return _kkt(problem, v * problem.s)
+    return _certificate(problem, v * problem.s) * _unit_ratio(K, b, unit)
 
 
 def _enumerate(problem: _Scaled) -> Tensor:
@@ -159,19 +198,11 @@ def _enumerate(problem: _Scaled) -> Tensor:
     pinned = subsets.fixed * lower
     rhs = subsets.free * -(b + pinned @ K) + pinned
     u, info = torch.linalg.solve_ex(A, rhs)
-    u = torch.where(torch.isfinite(u), u, lower).maximum(lower)
-    Ku = u @ K.T
-    r = Ku + b
-    # u ≥ ℓ by construction; what is left of the KKT conditions: r ≥ 0, and r = 0 where free
-    violation = torch.maximum(r.neg().amax(dim=1), (r * subsets.free).abs().amax(dim=1))
-    violation = torch.where(info == 0, violation, torch.full_like(violation, float("inf")))
-    violation = violation / (1 + u.abs().amax(dim=1))
-    # Every KKT point is optimal; among those within tolerance take the lowest objective
-    # (they tie up to rounding). If rounding rejects them all, take the least violating.
-    objective = 0.5 * (Ku * u).sum(dim=1) + u @ b
-    accepted = violation <= _KKT_TOL
-    objective = torch.where(accepted, objective, torch.full_like(objective, float("inf")))
-    best = torch.where(accepted.any(), objective.argmin(), violation.argmin()).reshape(1)
+    u = torch.where(torch.isfinite(u) & (info == 0)[:, None], u, lower).maximum(lower)
+    # Every candidate that passes the certificate is a minimiser (a convex QP has no other
+    # KKT points); the one the certificate trusts most is kept. Exactly singular subsets
+    # (dependent constraints) either fail or tie with a nonsingular one.
+    best = _certificate(problem, u).argmin().reshape(1)
     return u.index_select(0, best).squeeze(0)
 
 
@@ -244,7 +275,7 @@ def _refine(problem: _Scaled, u: Tensor) -> Tensor:
         passive[j] = True
         y = _towards_passive_optimum(K, q, passive, y)
     refined = torch.as_tensor(y + lower, dtype=torch.float64)
-    return refined if bool(_kkt(problem, refined) <= _kkt(problem, u)) else u
+    return refined if bool(_certificate(problem, refined) <= _certificate(problem, u)) else u
 
 
 def _towards_passive_optimum(
@@ -302,7 +333,9 @@ def resolve_solver(solver: str, t: int) -> str:
     return solver
 
 
-def solve_lower_bounded(K: Tensor, b: Tensor, lower: Tensor, solver: str = "auto") -> QPSolution:
+def solve_lower_bounded(
+    K: Tensor, b: Tensor, lower: Tensor, solver: str = "auto", unit: Tensor | None = None
+) -> QPSolution:
     """Solve ``min ½ vᵀKv + bᵀv  s.t.  v ≥ lower`` exactly.
 
     Args:
@@ -311,6 +344,9 @@ def solve_lower_bounded(K: Tensor, b: Tensor, lower: Tensor, solver: str = "auto
         lower: ``(t,)`` float64 lower bounds.
         solver: ``"auto"`` (see :func:`resolve_solver`), ``"closed_form"`` (``t = 1``),
             ``"enumerate"`` (any ``t``, but ``2^t`` linear systems), or a qpsolvers backend.
+        unit: 0-d, the problem's own scale, at least ``|b_k| / sqrt(K_kk)`` for every ``k``
+            (``‖g‖ + m Σ_k ‖g_k‖`` for GEM's dual); the certificate is relative to it. Default: the
+            largest ``|b_k| / sqrt(K_kk)``, which is stricter.
 
     Returns:
         The minimiser and its KKT residual (see :func:`kkt_residual`), on ``K``'s device.
@@ -329,4 +365,4 @@ def solve_lower_bounded(K: Tensor, b: Tensor, lower: Tensor, solver: str = "auto
     else:
         u = _qpsolvers(problem, solver)
     v = torch.maximum(u / problem.s, lower)  # undo the rescaling without rounding below a bound
-    return QPSolution(v, _kkt(problem, u))
+    return QPSolution(v, _certificate(problem, u) * _unit_ratio(K, b, unit))

@@ -1,8 +1,18 @@
-"""Independent float64 reference for the GEM projection: NNLS (Lawson-Hanson) in SciPy.
+"""Independent float64 references for the GEM projection.
 
-With ``u = v - m ≥ 0`` the dual ``min ½‖g + Jᵀv‖²  s.t.  v ≥ m`` is the non-negative least
-squares problem ``min ‖Jᵀu − y‖  s.t.  u ≥ 0`` with ``y = −(g + m Jᵀ1)``; SciPy's ``nnls``
-solves it on the full ``(p, t)`` matrix, sharing no code with the library's solvers.
+:func:`project` uses NNLS (Lawson-Hanson) in SciPy. With ``u = v - m ≥ 0`` the dual
+``min ½‖g + Jᵀv‖²  s.t.  v ≥ m`` is the non-negative least squares problem
+``min ‖Jᵀu − y‖  s.t.  u ≥ 0`` with ``y = −(g + m Jᵀ1)``; SciPy's ``nnls`` solves it on the
+full ``(p, t)`` matrix, sharing no code with the library's solvers. It runs on unit rows
+(``u_k ≥ 0`` scaled by ``‖g_k‖`` is still ``≥ 0``). SciPy's ``nnls`` is not exact on
+rank-deficient rows, though: on 8 rows of rank 4 in 31 dimensions it returned a point that
+violates a constraint by 4 % of ``‖g‖ ‖g_k‖`` (1.7 % on raw rows of norms 1e-5 to 1e3).
+So without a margin, and for up to ``BRUTE_FORCE_ROWS`` rows, :func:`project` uses
+:func:`project_brute`.
+
+:func:`project_brute` works on the primal instead, by brute force over active sets, with
+SVD-based pseudo-inverses: exact on rank-deficient and duplicated rows, where the dual has
+no unique solution. The tests check that the two agree on dependent constraints.
 """
 
 import itertools
@@ -10,23 +20,56 @@ import itertools
 import numpy as np
 from scipy.optimize import nnls
 
+BRUTE_FORCE_ROWS = 10
+
 
 def solve_dual(g: np.ndarray, J: np.ndarray, margin: float = 0.0) -> np.ndarray:
     """``g + Jᵀv*`` for the dual's minimiser ``v* ≥ margin`` (whether or not g violates)."""
     g = np.asarray(g, dtype=np.float64)
     J = np.asarray(J, dtype=np.float64)
     base = g + margin * J.sum(axis=0)
-    u, _ = nnls(J.T, -base, maxiter=50 * max(1, J.shape[0]))
-    return base + J.T @ u
+    norms = np.linalg.norm(J, axis=1)
+    unit = J / np.where(norms > 0, norms, 1.0)[:, None]
+    u, _ = nnls(unit.T, -base, maxiter=50 * max(1, J.shape[0]))
+    return base + unit.T @ u
 
 
 def project(g: np.ndarray, J: np.ndarray, margin: float = 0.0) -> np.ndarray:
-    """GEM's update: ``g`` if no constraint is violated, else :func:`solve_dual`."""
+    """GEM's update: ``g`` if no constraint is violated, else the dual's solution.
+
+    By brute force (:func:`project_brute`) without a margin and with up to
+    ``BRUTE_FORCE_ROWS`` rows, else by :func:`solve_dual`.
+    """
     g = np.asarray(g, dtype=np.float64)
     J = np.asarray(J, dtype=np.float64)
     if np.all(J @ g >= 0):
         return g
+    if margin == 0 and len(J) <= BRUTE_FORCE_ROWS:
+        return project_brute(g, J)
     return solve_dual(g, J, margin)
+
+
+def project_brute(g: np.ndarray, J: np.ndarray) -> np.ndarray:
+    """The Euclidean projection of ``g`` onto ``{x : Jx ≥ 0}``, by brute force (``t ≤ 10``).
+
+    The projection lies in the relative interior of a face ``{Jx ≥ 0, J_A x = 0}`` of the
+    cone, near which the cone coincides with the subspace ``ker J_A``; so it is the
+    projection of ``g`` onto ``ker J_A`` for some subset ``A`` of the rows. Every subset is
+    tried (``g − pinv(J_A) J_A g`` on unit rows, singular values below 1e-12 of the largest
+    treated as zero), and the closest feasible candidate wins. Shares nothing with the dual.
+    """
+    g = np.asarray(g, dtype=np.float64)
+    J = np.asarray(J, dtype=np.float64)
+    if np.all(J @ g >= 0):
+        return g
+    norms = np.linalg.norm(J, axis=1)
+    unit = J / np.where(norms > 0, norms, 1.0)[:, None]  # the same cone and the same kernels
+    masks = np.array(list(itertools.product([0.0, 1.0], repeat=len(J))))
+    J_A = masks[:, :, None] * unit[None]
+    candidates = g[None] - np.einsum("spt,st->sp", np.linalg.pinv(J_A, rcond=1e-12), J_A @ g)
+    feasible = np.all(candidates @ unit.T >= -1e-12 * np.linalg.norm(g), axis=1)
+    distance = np.where(feasible, np.linalg.norm(candidates - g, axis=1), np.inf)
+    return candidates[np.argmin(distance)]
 
 
 def project_agem(g: np.ndarray, J: np.ndarray, margin: float = 0.0) -> np.ndarray:

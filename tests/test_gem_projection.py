@@ -1,4 +1,4 @@
-"""SPEC §1 guarantees of the GEM projection, as properties over random problems."""
+"""The guarantees of the GEM projection (docs/gem.md), as properties over random problems."""
 
 import numpy as np
 import pytest

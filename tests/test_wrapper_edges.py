@@ -26,12 +26,11 @@ from gradsurgery import (
     SurgeryOptimizer,
     Uniform,
 )
+from gradsurgery.functional import gem_project
 from gradsurgery.wrappers import overflow
 from tests import reference
 from tests.encoders import bert, tagging_loss
 from tests.test_scaler import BUILDERS, build, fill, identical, params
-
-pytestmark = pytest.mark.filterwarnings("ignore:GradScaler is going to stop:FutureWarning")
 
 FP16_MAX = torch.finfo(torch.float16).max
 
@@ -87,6 +86,15 @@ def test_gem_refuses_exactly_the_fp16_projections_that_overflow(a):
         opt.step()
         assert torch.isfinite(opt.bank.blocks[0][0]).all()
         torch.testing.assert_close(opt.bank.blocks[0][0].double(), x, rtol=1e-3, atol=0)
+
+
+def test_gem_project_refuses_the_reported_fp16_projection():
+    g = torch.tensor([6e4, 6e4], dtype=torch.float16)
+    g1 = torch.tensor([[1.0, -3.0]], dtype=torch.float16)
+    with pytest.raises(NonFiniteGradientError, match=r"projection overflows torch\.float16"):
+        gem_project(g, g1)
+    x = gem_project(g.float(), g1.float())
+    assert torch.isfinite(x).all() and x[0] > torch.finfo(torch.float16).max
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "gradvac"])

@@ -24,12 +24,22 @@ given by the mean memory gradient :math:`\bar g = \tfrac1t \sum_k g_k` instead:
 when :math:`g^\top \bar g < 0`.
 
 Everything is computed from the Gram of :math:`[g; J]`; the full-size tensors are read
-once for the Gram and once for :math:`x`.
+once for the Gram and once for :math:`x` (:func:`gem_project` reads :math:`g` once more,
+for its norm: the certificate's unit).
+
+Whenever the result is read back to the host anyway (``validate=True``, or a GradScaler in
+the wrapper), :func:`check_solution` also makes sure of it: a Gram whose diagonal says that
+fp32 accumulation may have underflowed (gradients below about 1e-19), or that is not finite
+(gradients above about 1e19 overflow it), is recomputed in float64 from rescaled rows,
+and a solution that fails the certificate of :func:`gradsurgery.qp.kkt_residual` is
+replaced by the exact host solver's (``FALLBACK_SOLVER``), which the solution reports in
+``fallback``. Without host reads neither happens.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from typing import Literal, NamedTuple
 
 import torch
@@ -38,11 +48,14 @@ from torch import Tensor
 from gradsurgery import gram as _gram
 from gradsurgery import qp, sync
 from gradsurgery.errors import NonFiniteGradientError, SolverError
+from gradsurgery.functional.validation import check_no_autograd
 
-__all__ = ["GEMMode", "GEMSolution", "gem_multipliers", "gem_project"]
+__all__ = ["FALLBACK_SOLVER", "GEMMode", "GEMSolution", "gem_multipliers", "gem_project"]
 
 GEMMode = Literal["gem", "agem"]
 _MODES = ("gem", "agem")
+FALLBACK_SOLVER = "daqp"
+"""The exact host solver that replaces a device solution failing its certificate."""
 
 
 class GEMSolution(NamedTuple):
@@ -53,12 +66,17 @@ class GEMSolution(NamedTuple):
             nothing is violated).
         violated: 0-d bool, whether any constraint was violated (``(Jg)_k < 0``; for
             A-GEM, ``g·ḡ < 0``), i.e. whether ``x ≠ g``.
-        kkt_residual: 0-d, relative KKT residual of the dual solution (0 when not violated).
+        kkt_residual: 0-d, the certificate of :func:`gradsurgery.qp.kkt_residual` (0 when
+            not violated).
+        fallback: 0-d bool, whether the solver's solution failed its certificate and was
+            replaced by ``FALLBACK_SOLVER``'s (only checked when values are read on the host;
+            see :func:`check_solution`).
     """
 
     v: Tensor
     violated: Tensor
     kkt_residual: Tensor
+    fallback: Tensor
 
 
 def check_options(margin: float, mode: str, eps: float) -> None:
@@ -93,21 +111,33 @@ def gem_multipliers(
             increase. Leave it at 0 for the exact projection.
 
     Returns:
-        The multipliers, whether a constraint was violated, and the KKT residual. When the
-        solver runs on the device (``"closed_form"``, ``"enumerate"``), nothing is copied
-        to the host.
+        The multipliers, whether a constraint was violated, the KKT residual and whether
+        ``FALLBACK_SOLVER`` replaced a host backend that gave no answer. When the solver
+        runs on the device (``"closed_form"``, ``"enumerate"``), nothing is copied to the
+        host.
+
+    Raises:
+        ValueError: bad options, or ``gram`` requires grad while grad mode is on (the
+            solve is not differentiable: pass ``gram.detach()``).
+        SolverError: even ``FALLBACK_SOLVER`` gave no answer.
     """
     check_options(margin, mode, eps)
+    check_no_autograd("gem_multipliers", gram=gram)
     b = gram[1:, 0]
     K = gram[1:, 1:]
     t = b.shape[0]
+    # the size of the terms of x = g + Jᵀv when every v_k sits at its bound m
+    unit = gram[0, 0].clamp(min=0).sqrt() + margin * K.diagonal().clamp(min=0).sqrt().sum()
+    fallback = False
     if eps:
         K = K + eps * torch.eye(t, dtype=K.dtype, device=K.device)
     if mode == "agem":
         b_ref = (b.sum() / t).reshape(1)
         K_ref = (K.sum() / t**2).reshape(1, 1)
         violated = b_ref[0] < 0
-        solution = qp.solve_lower_bounded(K_ref, b_ref, b_ref.new_full((1,), margin), "closed_form")
+        solution = qp.solve_lower_bounded(
+            K_ref, b_ref, b_ref.new_full((1,), margin), "closed_form", unit
+        )
         v = solution.v.expand(t) / t
     else:
         violated = (b < 0).any()
@@ -116,31 +146,113 @@ def gem_multipliers(
         if qp.is_host_solver(resolved) and not (bool(violated) and bool(gram.isfinite().all())):
             # The host solver needs the data on the host anyway; skip it when there is
             # nothing to solve (or nothing sane to solve: the caller reports non-finite input).
-            return GEMSolution(torch.zeros_like(b), violated, b.new_zeros(()))
-        solution = qp.solve_lower_bounded(K, b, lower, resolved)
+            no = torch.zeros((), dtype=torch.bool, device=b.device)
+            return GEMSolution(torch.zeros_like(b), violated, b.new_zeros(()), no)
+        try:
+            solution = qp.solve_lower_bounded(K, b, lower, resolved, unit)
+        except SolverError:
+            if resolved == FALLBACK_SOLVER:
+                raise
+            # osqp, clarabel, quadprog may give no answer on dependent constraints
+            solution = qp.solve_lower_bounded(K, b, lower, FALLBACK_SOLVER, unit)
+            fallback = True
         v = solution.v
     zero = torch.zeros((), dtype=v.dtype, device=v.device)
     return GEMSolution(
         torch.where(violated, v, zero),
         violated,
         torch.where(violated, solution.kkt_residual, zero),
+        torch.full((), fallback, dtype=torch.bool, device=v.device),
     )
 
 
-def raise_if_failed(finite: bool, kkt_residual: float, solver: str, tolerance: float) -> None:
-    """Raise the error a step must not go past: non-finite input or an inexact solve."""
+class CheckedSolution(NamedTuple):
+    """What :func:`check_solution` read and decided."""
+
+    finite: bool
+    violated: bool
+    gram: Tensor
+    solution: GEMSolution
+    bound: float
+    """``‖g‖ + Σ_k |v_k| ‖g_k‖``: no entry of ``x = g + Jᵀv`` (nor a partial sum) exceeds it."""
+
+
+def check_solution(
+    gram: Tensor,
+    solution: GEMSolution,
+    margin: float,
+    *,
+    mode: GEMMode,
+    solver: str,
+    eps: float,
+    exact_gram: Callable[[], Tensor],
+    n: int,
+    dtypes: Iterable[torch.dtype],
+    validate: bool,
+) -> CheckedSolution:
+    """Read a step's outcome on the host (one read) and make sure of it before it is applied.
+
+    1. If the Gram may have underflowed (:func:`gradsurgery.gram.underflow_suspected`)
+       or is not finite, it is replaced by ``exact_gram()`` and the dual solved again (a
+       second read): finite gradients whose squares overflow fp32 are then accepted.
+    2. Non-finite input (or a Gram that overflows even float64) is reported in ``finite``
+       (nothing else is checked then): the caller raises or skips the step.
+    3. A solution that fails its certificate (KKT residual above
+       :func:`gradsurgery.qp.kkt_tolerance`) is replaced by ``FALLBACK_SOLVER``'s, flagged
+       in ``solution.fallback``; with ``validate``, if even that fails, :class:`SolverError`.
+
+    Args:
+        gram: the step's ``(t + 1, t + 1)`` Gram.
+        solution: its dual solution, from :func:`gem_multipliers`.
+        margin: as for :func:`gem_multipliers`.
+        mode: as for :func:`gem_multipliers`.
+        solver: as for :func:`gem_multipliers`.
+        eps: as for :func:`gem_multipliers`.
+        exact_gram: recomputes the Gram without underflow (reads the gradients again).
+        n: number of columns the Gram was summed over.
+        dtypes: the gradients' dtypes.
+        validate: raise :class:`SolverError` for a solution that no solver could certify.
+    """
+    dtypes = list(dtypes)
+    suspected = _gram.underflow_suspected(gram, n, dtypes)
+    flags = [gram.isfinite().all(), solution.violated, solution.kkt_residual, suspected]
+    finite, violated, kkt, tiny, bound = torch.stack([*flags, _bound(gram, solution)]).tolist()
+    if tiny or not finite:  # underflow, or fp32 squares above 3e38 from finite gradients
+        gram = exact_gram()
+        solution = gem_multipliers(gram, margin, mode=mode, solver=solver, eps=eps)
+        flags = [gram.isfinite().all(), solution.violated, solution.kkt_residual]
+        finite, violated, kkt, bound = torch.stack([*flags, _bound(gram, solution)]).tolist()
     if not finite:
-        raise NonFiniteGradientError(
-            "a gradient holds NaN or Inf values (or its squared norm overflows); nothing "
-            "was changed. Check the losses of this step, or pass a GradScaler to skip such "
-            "steps"
-        )
-    if not kkt_residual <= tolerance:
+        return CheckedSolution(False, bool(violated), gram, solution, math.inf)
+    tolerance = qp.kkt_tolerance(gram.shape[0] - 1, dtypes)
+    resolved = qp.resolve_solver(solver, gram.shape[0] - 1)
+    if violated and not kkt <= tolerance and mode == "gem" and resolved != FALLBACK_SOLVER:
+        exact = gem_multipliers(gram, margin, mode=mode, solver=FALLBACK_SOLVER, eps=eps)
+        solution = exact._replace(fallback=torch.ones_like(exact.fallback))
+        kkt, bound = torch.stack([solution.kkt_residual, _bound(gram, solution)]).tolist()
+    if validate and not kkt <= tolerance:
         raise SolverError(
-            f"the GEM dual was not solved to tolerance (KKT residual {kkt_residual:.2e} > "
-            f"{tolerance:.1e}, solver {solver!r}); nothing was changed. Try "
-            "solver='daqp' or 'enumerate'"
+            f"the GEM dual could not be solved to a certified tolerance (KKT residual "
+            f"{kkt:.2e} > {tolerance:.1e}, solver {solver!r}, exact fallback "
+            f"{FALLBACK_SOLVER!r} included); nothing was changed. The constraint gradients "
+            "are nearly opposite (the multipliers needed are too large for float64): skip "
+            "this step, or merge or drop the nearly opposite constraints"
         )
+    return CheckedSolution(True, bool(violated), gram, solution, bound)
+
+
+def _bound(gram: Tensor, solution: GEMSolution) -> Tensor:
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    return norms[0] + (solution.v.abs() * norms[1:]).sum()
+
+
+def raise_non_finite() -> None:
+    """Raise the error for non-finite gradients (before the step changes anything)."""
+    raise NonFiniteGradientError(
+        "a gradient holds NaN or Inf values (or its squared norm overflows); nothing "
+        "was changed. Check the losses of this step, or pass a GradScaler to skip such "
+        "steps"
+    )
 
 
 def gem_project(
@@ -164,10 +276,12 @@ def gem_project(
         eps: absolute ridge of the original GEM code (inexact; see
             :func:`gem_multipliers`).
         validate: raise :class:`~gradsurgery.errors.NonFiniteGradientError` for NaN/Inf
-            input and :class:`~gradsurgery.errors.SolverError` for an inexact solve. On an
-            accelerator this reads three numbers back to the host; with ``False`` the call
-            is free of host synchronisation (given a device solver) and always returns a
-            new tensor.
+            input, and certify the solution (:func:`check_solution`: an underflowed Gram
+            is recomputed, an uncertified solution re-solved by ``FALLBACK_SOLVER``,
+            :class:`~gradsurgery.errors.SolverError` if that fails too). On an
+            accelerator this reads four numbers back to the host (more in those rare
+            cases); with ``False`` the call is free of host synchronisation (given a
+            device solver), checks nothing, and always returns a new tensor.
 
     Returns:
         ``x = grad + constraintsᵀ v``, same shape, dtype and device as ``grad``. When no
@@ -175,9 +289,14 @@ def gem_project(
         ``validate=True``), ``grad`` itself is returned: no copy.
 
     Raises:
-        ValueError: shapes, devices or dtypes that do not match, or bad options.
+        ValueError: shapes, devices or dtypes that do not match, bad options, or an input
+            that requires grad while grad mode is on (the projection is not differentiated
+            through: pass ``grad.detach()`` and ``constraints.detach()``).
+        NonFiniteGradientError: NaN or Inf input (with ``validate``).
+        SolverError: no solver could certify the solution (with ``validate``).
     """
     check_options(margin, mode, eps)
+    check_no_autograd("gem_project", grad=grad, constraints=constraints)
     if grad.dim() != 1:
         raise ValueError(f"grad must be 1-D (p,), got shape {tuple(grad.shape)}")
     if constraints.dim() != 2 or constraints.shape[1] != grad.shape[0]:
@@ -203,15 +322,33 @@ def gem_project(
     gram[1:, 0] = b
     gram[0, 1:] = b
     gram[1:, 1:] = K
+    gram[0, 0] = _gram.cross(grad[None], grad)[0]
     solution = gem_multipliers(gram, margin, mode=mode, solver=solver, eps=eps)
     if validate:
-        finite, violated, kkt = torch.stack(
-            [torch.isfinite(gram).all(), solution.violated, solution.kkt_residual]
-        ).tolist()
-        tolerance = qp.kkt_tolerance(constraints.shape[0], [grad.dtype])
-        raise_if_failed(bool(finite), kkt, solver, tolerance)
-        if not violated:
+        checked = check_solution(
+            gram,
+            solution,
+            margin,
+            mode=mode,
+            solver=solver,
+            eps=eps,
+            exact_gram=lambda: _gram.exact_gram(torch.cat([grad[None], constraints])),
+            n=grad.shape[0],
+            dtypes=[grad.dtype],
+            validate=True,
+        )
+        if not checked.finite:
+            raise_non_finite()
+        if not checked.violated:
             return grad
-    elif sync.host_reads_are_free(grad.device) and not bool(solution.violated):
+        solution = checked.solution
+        x = _gram.combine_(grad.clone(), constraints, solution.v, accumulate=True)
+        if checked.bound > torch.finfo(grad.dtype).max and not bool(x.isfinite().all()):
+            raise NonFiniteGradientError(
+                f"the projection overflows {grad.dtype}: an entry would be Inf although "
+                "every gradient is finite; project in a wider dtype (grad.float())"
+            )
+        return x
+    if sync.host_reads_are_free(grad.device) and not bool(solution.violated):
         return grad
     return _gram.combine_(grad.clone(), constraints, solution.v, accumulate=True)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from gradsurgery import gram
 from gradsurgery.functional.pcgrad import conflict_orders
-from gradsurgery.functional.validation import check_gradients
+from gradsurgery.functional.validation import check_gradients, check_no_autograd
 
 __all__ = ["check_beta", "gradvac_coefficients", "gradvac_weights"]
 
@@ -81,11 +81,15 @@ def gradvac_weights(
 ) -> tuple[Tensor, Tensor]:
     """GradVac's combination of the ``(T, p)`` gradients (whole-model granularity).
 
+    Not differentiable: ``grads`` or ``targets`` that require grad while grad mode is on
+    are refused (``ValueError``); pass them detached.
+
     Returns:
         The weights ``w`` (``d = gradsᵀ w``) and the updated ``(T, T)`` targets to pass to
         the next call (start with ``None``: all zero).
     """
-    check_gradients(grads)
+    check_no_autograd("gradvac_weights", grads=grads, targets=targets)
+    check_gradients(grads, "gradvac_weights")
     check_beta(beta)
     t = grads.shape[0]
     K = gram.gram(grads)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from gradsurgery import gram, qp, simplex_qp
-from gradsurgery.functional.validation import check_gradients
+from gradsurgery.functional.validation import check_gradients, check_no_autograd
 
 __all__ = ["DEFAULT_SOLVER", "lfmlf_weights"]
 
@@ -48,11 +48,14 @@ def lfmlf_weights(
         ``w`` (float64, on ``grads``' device); the direction is ``d = gradsᵀ w``.
 
     Raises:
-        ValueError: shapes, devices or solver that do not fit.
+        ValueError: shapes, devices or solver that do not fit, or ``grads`` or
+            ``accumulated`` requiring grad while grad mode is on (not differentiable: pass
+            them detached).
         NonFiniteGradientError: a row of ``grads`` or ``accumulated`` is not finite.
         SolverError: the QP was not solved to a KKT residual of 1e-6.
     """
-    check_gradients(grads)
+    check_no_autograd("lfmlf_weights", grads=grads, accumulated=accumulated)
+    check_gradients(grads, "lfmlf_weights")
     K = gram.gram(grads)
     if accumulated is None:
         c = torch.zeros_like(K[0])
@@ -62,7 +65,7 @@ def lfmlf_weights(
                 f"accumulated must have shape {tuple(grads.shape[1:])} on {grads.device}, got "
                 f"{tuple(accumulated.shape)} on {accumulated.device}"
             )
-        check_gradients(accumulated.unsqueeze(0))
+        check_gradients(accumulated.unsqueeze(0), "lfmlf_weights")
         c = gram.cross(grads, accumulated.to(grads.dtype))
     solution = simplex_qp.lfmlf_qp(K, c, solver or DEFAULT_SOLVER)
     tolerance = qp.kkt_tolerance(grads.shape[0], [grads.dtype])

@@ -23,7 +23,9 @@ def mgda_weights(grads: Tensor, solver: str = "auto") -> Tensor:
     """MGDA's weights for the ``(T, p)`` gradients ``grads`` (float64, on their device).
 
     ``solver``: ``"auto"``, ``"enumerate"`` (on the device, no host synchronisation) or a
-    qpsolvers backend; see :func:`gradsurgery.simplex_qp.min_norm_weights`.
+    qpsolvers backend; see :func:`gradsurgery.simplex_qp.min_norm_weights`. Not
+    differentiable: ``grads`` that require grad while grad mode is on are refused
+    (``ValueError``); pass ``grads.detach()``.
     """
-    check_gradients(grads)
+    check_gradients(grads, "mgda_weights")
     return simplex_qp.min_norm_weights(gram.gram(grads), solver).w

@@ -57,8 +57,12 @@ def pcgrad_coefficients(K: Tensor, orders: Tensor) -> Tensor:
 def pcgrad_weights(
     grads: Tensor, generator: torch.Generator | None = None, reduction: str = "sum"
 ) -> Tensor:
-    """PCGrad's combination of the ``(T, p)`` gradients as weights: ``d = gradsᵀ w``."""
-    check_gradients(grads)
+    """PCGrad's combination of the ``(T, p)`` gradients as weights: ``d = gradsᵀ w``.
+
+    Not differentiable: ``grads`` that require grad while grad mode is on are refused
+    (``ValueError``); pass ``grads.detach()``.
+    """
+    check_gradients(grads, "pcgrad_weights")
     check_reduction(reduction)
     C = pcgrad_coefficients(gram.gram(grads), conflict_orders(grads.shape[0], generator))
     weights = C.sum(dim=0)

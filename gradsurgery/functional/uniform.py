@@ -11,7 +11,11 @@ __all__ = ["uniform_weights"]
 
 
 def uniform_weights(grads: Tensor) -> Tensor:
-    """Weights ``1/T`` for the ``T`` rows of ``grads`` (float64, on ``grads``' device)."""
-    check_gradients(grads)
+    """Weights ``1/T`` for the ``T`` rows of ``grads`` (float64, on ``grads``' device).
+
+    Like every functional form, refuses ``grads`` that require grad while grad mode is on
+    (``ValueError``): pass ``grads.detach()``.
+    """
+    check_gradients(grads, "uniform_weights")
     t = grads.shape[0]
     return torch.full((t,), 1.0 / t, dtype=torch.float64, device=grads.device)

@@ -26,14 +26,16 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from gradsurgery import gram as _gram
 from gradsurgery import qp, sync
 from gradsurgery.distributed import Distributed
 from gradsurgery.functional.gem import (
     GEMMode,
     GEMSolution,
     check_options,
+    check_solution,
     gem_multipliers,
-    raise_if_failed,
+    raise_non_finite,
 )
 from gradsurgery.papers import CHAUDHRY_2019, LIU_2021, LOPEZ_PAZ_2017
 from gradsurgery.wrappers import overflow
@@ -101,12 +103,30 @@ class GEMStats:
 
     @property
     def kkt_residual(self) -> Tensor:
-        """Relative KKT residual of the dual solution (0 when nothing was violated)."""
+        """Certificate of the dual solution (0 when nothing was violated).
+
+        See :func:`gradsurgery.qp.kkt_residual`.
+        """
         return self.solution.kkt_residual
+
+    @property
+    def fallback(self) -> Tensor:
+        """0-d bool: whether the exact host solver replaced an uncertified answer.
+
+        Only checked when the step reads the host (``validate`` or a GradScaler).
+        """
+        return self.solution.fallback
 
     def to_dict(self) -> dict[str, float]:
         """Flat ``{"gem/...": float}`` for a logger. Reads the values back to the host."""
-        scalar_names = ("projected", "grad_norm", "projected_norm", "change_norm", "kkt_residual")
+        scalar_names = (
+            "projected",
+            "grad_norm",
+            "projected_norm",
+            "change_norm",
+            "kkt_residual",
+            "fallback",
+        )
         values = torch.stack([getattr(self, name).double() for name in scalar_names]).tolist()
         out = dict(zip(scalar_names, values, strict=True))
         out["skipped"] = float(self.skipped)
@@ -153,8 +173,10 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         eps: absolute ridge of the original GEM code (1e-3 there). It makes the projection
             inexact, ``⟨g_k, x⟩ = −eps·v_k`` on active constraints; keep 0.
         grad_scaler: the ``torch.amp.GradScaler`` scaling every backward pass, if any.
-        validate: raise on NaN/Inf gradients and on an inexact solve, before changing
-            anything (one small host read per step on an accelerator).
+        validate: raise on NaN/Inf gradients, and certify the solution (an uncertified
+            one is re-solved by DAQP, counted in ``GEMStats.fallback``; ``SolverError`` if
+            that fails too), before changing anything (one small host read per step on an
+            accelerator). See ``docs/gem.md``.
         distributed: ``None``, :class:`~gradsurgery.distributed.Replicated` (DDP) or
             :class:`~gradsurgery.distributed.Sharded` (FSDP2); see ``docs/distributed.md``.
 
@@ -225,34 +247,47 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         )
         skipped = False
         if self._reads_host:
-            norms = overflow.norms(gram)
-            bound = norms[0] + (solution.v.abs() * norms[1:]).sum()
-            finite, violated, kkt, fits = torch.stack(
-                [
-                    gram.isfinite().all(),
-                    solution.violated,
-                    solution.kkt_residual,
-                    bound <= overflow.limit(bank),
-                ]
-            ).tolist()
-            if not finite and self._scaler_enabled:
+            checked = check_solution(
+                gram,
+                solution,
+                self.margin,
+                mode=self.mode,
+                solver=self.solver,
+                eps=self.eps,
+                exact_gram=self._exact_gram,
+                n=bank.numel,
+                dtypes=[block.dtype for block in bank.blocks],
+                validate=self.validate,
+            )
+            gram, solution = checked.gram, checked.solution
+            if not checked.finite and self._scaler_enabled:
                 skipped = True
             else:
-                if self.validate:
-                    dtypes = [block.dtype for block in bank.blocks]
-                    tolerance = qp.kkt_tolerance(len(self.row_names), dtypes)
-                    raise_if_failed(bool(finite), kkt, self.solver, tolerance)
+                if not checked.finite:
+                    raise_non_finite()
                 rows = slice(1, 1 + len(self.row_names))
-                if violated and not fits and overflow.combine_overflows(bank, solution.v, rows):
+                if (
+                    checked.violated
+                    and checked.bound > overflow.limit(bank)
+                    and overflow.combine_overflows(bank, solution.v, rows)
+                ):
                     if not self._scaler_enabled:
                         raise overflow.error(bank)
                     self._mark_overflow()
                     skipped = True
-                elif violated:
+                elif checked.violated:
                     bank.combine_(solution.v, accumulate=True)
         elif not sync.host_reads_are_free(bank.device) or bool(solution.violated):
             bank.combine_(solution.v, accumulate=True)
         return GEMStats(self.row_names, gram, solution, skipped)
+
+    def _exact_gram(self) -> Tensor:
+        """The Gram recomputed without underflow (see :func:`gradsurgery.gram.exact_gram`)."""
+        gram = sum(_gram.exact_gram(block) for block in self._bank.blocks)
+        assert isinstance(gram, Tensor)
+        if self.distributed is not None:
+            gram = self.distributed.reduce_gram(gram)
+        return gram
 
     def _settings(self) -> dict[str, Any]:
         return {

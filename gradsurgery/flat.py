@@ -343,11 +343,15 @@ class GradientBank:
         for block in self.blocks:
             block[rows].zero_()
 
-    def gram(self) -> Tensor:
-        """The ``(rows, rows)`` Gram matrix of the rows, in float64 on the bank's device."""
-        total = _gram.gram(self.blocks[0])
+    def gram(self, *, exact: bool = False) -> Tensor:
+        """The ``(rows, rows)`` Gram matrix of the rows, in float64 on the bank's device.
+
+        ``exact`` computes it without underflow (:func:`gradsurgery.gram.exact_gram`).
+        """
+        of = _gram.exact_gram if exact else _gram.gram
+        total = of(self.blocks[0])
         for block in self.blocks[1:]:
-            total = total + _gram.gram(block)
+            total = total + of(block)
         return total
 
     def combine_(self, weights: Tensor, *, accumulate: bool, rows: slice = slice(1, None)) -> None:

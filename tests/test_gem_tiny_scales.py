@@ -5,9 +5,9 @@ import pytest
 import torch
 from hypothesis import given
 
-from gradsurgery import GEMProjector
+from gradsurgery import MGDA, GEMProjector, ParetoLessForgetting
 from gradsurgery import gram as gram_module
-from gradsurgery.functional import gem_project
+from gradsurgery.functional import gem_project, lfmlf_weights, mgda_weights
 from tests import reference
 from tests.strategies import Problem, problems
 
@@ -113,3 +113,29 @@ def test_a_conflict_between_huge_finite_gradients_is_projected_not_refused(dtype
     for x in (gem_project(problem.g, problem.J), wrapper_step(problem)):
         assert bool(torch.isfinite(x).all())
         assert cosine(x, problem.J[0]) >= -4 * torch.finfo(dtype).eps
+
+
+MULTI = {
+    "mgda": (lambda opt: MGDA(opt, 2), mgda_weights),
+    "lfmlf": (lambda opt: ParetoLessForgetting(opt, 2), lfmlf_weights),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "name"),
+    [(case, "mgda") for case in CASES] + [("both_near_1e-30", "lfmlf")],
+    # LF-MLF declares gradients 1e25 apart Pareto-stationary (relative to the larger one)
+)
+def test_multi_objective_wrappers_weigh_tiny_conflicting_gradients_as_in_float64(case, name):
+    problem = conflicting_pair(*CASES[case], torch.float32)
+    grads = torch.stack([problem.g, problem.J[0]])
+    build, weights_of = MULTI[name]
+    weight = torch.nn.Parameter(torch.zeros(P))
+    opt = build(torch.optim.SGD([weight], lr=1.0))
+    opt.backward([(weight * row).sum() for row in grads])
+    opt.step()
+    expected = weights_of(grads.double()) @ grads.double()
+    assert float((-weight.detach().double() - expected).norm()) <= 1e-5 * float(expected.norm())
+    # the common direction decreases neither objective's loss less than to rounding
+    d = -weight.detach().double()
+    assert bool((grads.double() @ d >= -1e-6 * d.norm() * grads.double().norm(dim=1)).all())

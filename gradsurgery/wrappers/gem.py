@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from gradsurgery import gram as _gram
 from gradsurgery import qp, sync
 from gradsurgery.distributed import Distributed
 from gradsurgery.functional.gem import (
@@ -254,7 +253,7 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
                 mode=self.mode,
                 solver=self.solver,
                 eps=self.eps,
-                exact_gram=self._exact_gram,
+                exact_gram=lambda: self._gram(exact=True),
                 n=bank.numel,
                 dtypes=[block.dtype for block in bank.blocks],
                 validate=self.validate,
@@ -280,14 +279,6 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         elif not sync.host_reads_are_free(bank.device) or bool(solution.violated):
             bank.combine_(solution.v, accumulate=True)
         return GEMStats(self.row_names, gram, solution, skipped)
-
-    def _exact_gram(self) -> Tensor:
-        """The Gram recomputed without underflow (see :func:`gradsurgery.gram.exact_gram`)."""
-        gram = sum(_gram.exact_gram(block) for block in self._bank.blocks)
-        assert isinstance(gram, Tensor)
-        if self.distributed is not None:
-            gram = self.distributed.reduce_gram(gram)
-        return gram
 
     def _settings(self) -> dict[str, Any]:
         return {

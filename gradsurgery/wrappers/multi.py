@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from gradsurgery import gram as _gram
 from gradsurgery.distributed import Distributed
 from gradsurgery.errors import NonFiniteGradientError
 from gradsurgery.wrappers import overflow
@@ -211,10 +212,18 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
         rows = self._objective_rows
         fits = True
         if self._reads_host:
+            dtypes = [block.dtype for block in bank.blocks]
+            tiny = _gram.underflow_suspected(gram[rows, rows], bank.numel, dtypes)
             bound = self._bound(overflow.norms(gram[rows, rows]))
-            finite, clean, fits = torch.stack(
-                [gram.isfinite().all(), gram[0, 0] == 0, bound <= overflow.limit(bank)]
+            finite, clean, fits, tiny = torch.stack(
+                [gram.isfinite().all(), gram[0, 0] == 0, bound <= overflow.limit(bank), tiny]
             ).tolist()
+            if tiny or not finite:  # underflow, or squares above the fp32 range
+                gram = self._gram(exact=True)
+                bound = self._bound(overflow.norms(gram[rows, rows]))
+                finite, fits = torch.stack(
+                    [gram.isfinite().all(), bound <= overflow.limit(bank)]
+                ).tolist()
             if not finite:
                 if self._scaler_enabled:
                     return self._skipped(gram)

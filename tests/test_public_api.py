@@ -105,6 +105,7 @@ PUBLIC = {
         "pcgrad_weights",
         "uniform_weights",
     ],
+    "gradsurgery.episodic": ["ReservoirMemory", "RingMemory"],
     "gradsurgery.errors": ["NonFiniteGradientError", "ParetoStationaryError", "SolverError"],
     "gradsurgery.citation": ["LIBRARY_BIBTEX", "cite", "methods"],
     "gradsurgery.papers": [

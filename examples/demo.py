@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from gradsurgery import GEMProjector
-from gradsurgery.wrappers.gem import GEM_MARGIN
 
 FEATURES, HIDDEN, OUTPUTS = 16, 64, 4
 MEMORIES = ("memory_a", "memory_b")
@@ -132,7 +131,7 @@ def main() -> None:
 
     runs: dict[str, Callable[[MultiHead], torch.optim.Optimizer]] = {
         "plain fine-tuning": sgd,
-        "GEM": lambda m: GEMProjector(sgd(m), GEM_MARGIN, constraints=MEMORIES),
+        "GEM": lambda m: GEMProjector(sgd(m), constraints=MEMORIES),
         "A-GEM": lambda m: GEMProjector(sgd(m), constraints=MEMORIES, mode="agem"),
     }
     results = {}

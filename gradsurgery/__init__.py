@@ -6,7 +6,7 @@ each layer set) before the inner optimizer steps:
 >>> import torch
 >>> from gradsurgery import GEMProjector
 >>> model = torch.nn.Linear(4, 2)
->>> opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), 0.5, constraints=["memory"])
+>>> opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), constraints=["memory"])
 """
 
 from gradsurgery import distributed, functional, papers, qp

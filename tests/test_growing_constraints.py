@@ -4,7 +4,6 @@ the defaults as the papers ran them."""
 
 import copy
 import io
-import warnings
 
 import pytest
 import torch
@@ -249,13 +248,8 @@ def test_agem_as_its_paper_runs_it_is_one_constraint_on_a_mixed_batch():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_the_default_margin_is_the_original_codes_and_says_it_changed():
+def test_the_default_margin_is_the_original_codes_for_gem_and_none_for_agem():
     params = mlp().parameters
-    with pytest.warns(FutureWarning, match="default margin is now 0.5"):
-        opt = GEMProjector(torch.optim.SGD(params(), lr=0.1))
-    assert opt.margin == 0.5
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert GEMProjector(torch.optim.SGD(params(), lr=0.1), 0.5).margin == 0.5
-        assert GEMProjector(torch.optim.SGD(params(), lr=0.1), margin=0.0).margin == 0.0
-        assert GEMProjector(torch.optim.SGD(params(), lr=0.1), mode="agem").margin == 0.0
+    assert GEMProjector(torch.optim.SGD(params(), lr=0.1)).margin == 0.5
+    assert GEMProjector(torch.optim.SGD(params(), lr=0.1), mode="agem").margin == 0.0
+    assert GEMProjector(torch.optim.SGD(params(), lr=0.1), margin=0.0).margin == 0.0

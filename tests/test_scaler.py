@@ -351,7 +351,7 @@ def test_scaler_step_through_phased_lr_reaches_the_surgery(unscale_first):
     runs = []
     for scaler in (torch.amp.GradScaler("cpu", init_scale=SCALE), None):
         net = bert(2)
-        gem = GEMProjector(torch.optim.AdamW(net.parameters(), lr=0.01), margin=0.0)
+        gem = GEMProjector(torch.optim.AdamW(net.parameters(), lr=0.01))
         opt = PhasedLR(gem, net, window=2)
         for step in range(3):
             opt.zero_grad()
@@ -378,7 +378,7 @@ def test_stepping_through_a_scaler_warns_the_user_of_nothing():
 import torch
 from gradsurgery import GEMProjector
 net = torch.nn.Linear(3, 1)
-opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1), 0.5)
+opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1))
 scaler = torch.amp.GradScaler("cpu")
 for _ in range(2):
     opt.zero_grad()

@@ -39,7 +39,6 @@ from gradsurgery.functional.gem import gem_multipliers
 from gradsurgery.functional.gradvac import gradvac_coefficients
 from gradsurgery.functional.pcgrad import conflict_orders
 from gradsurgery.layers import LayerSets
-from gradsurgery.wrappers.gem import GEM_MARGIN
 from gradsurgery.wrappers.multi import MultiObjectiveOptimizer
 
 __all__ = ["METHODS", "MULTI", "Case", "build", "phased_steps"]
@@ -94,7 +93,6 @@ def _generator() -> torch.Generator:
 def _gem(params: list[Tensor], t: int, validate: bool, mode: str) -> Case:
     opt = GEMProjector(
         torch.optim.SGD(params, lr=1e-3),
-        None if mode == "agem" else GEM_MARGIN,
         constraints=t,
         mode="agem" if mode == "agem" else "gem",
         validate=validate,

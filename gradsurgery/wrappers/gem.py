@@ -17,7 +17,6 @@ problem that is solved and the A-GEM mode.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -149,8 +148,6 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         margin: GEM's memory strength ``m ≥ 0``: when projecting, every multiplier is at
             least ``m``. Default: 0.5 for ``mode="gem"``, the value the original GEM code
             runs with, and 0 for ``"agem"``, as A-GEM's code. 0 gives the exact projection.
-            Until the next minor release, leaving it out with ``mode="gem"`` warns that
-            the default changed (it was 0).
         constraints: number of constraints, their names, or one name (default: one, named
             ``"0"``). 0 (or ``[]``) is allowed: until :meth:`add_constraint` adds one,
             ``step()`` steps the inner optimizer on the unchanged gradient.
@@ -197,15 +194,6 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
             qp.resolve_solver(solver, len(names))
         if margin is None:
             margin = GEM_MARGIN if mode == "gem" else 0.0
-            if mode == "gem":
-                warnings.warn(
-                    f"GEMProjector's default margin is now {GEM_MARGIN}, the memory strength "
-                    "the original GEM code runs with (it was 0 until 0.1.0.dev0); pass "
-                    f"margin={GEM_MARGIN} to silence this warning, or margin=0.0 for the "
-                    "exact projection of the previous default",
-                    FutureWarning,
-                    stacklevel=2,
-                )
         super().__init__(
             optimizer,
             constraints,

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from gradsurgery import GEMProjector
 from gradsurgery.functional import gem_project
 from tests.helpers import flat_grad, memory_loss, mlp, set_flat_grad, task_loss
+from tests.sync_guard import no_host_sync
 
 OPTIMIZERS = {
     "sgd_momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
@@ -59,6 +60,22 @@ def test_no_constraint_steps_the_inner_optimizer_exactly(make):
         assert exact(net, ref)
         assert not opt.last_stats.projected
     assert opt.last_stats.to_dict()["gem/change_norm"] == 0.0
+
+
+def test_no_constraint_without_validation_needs_no_host_sync_and_changes_nothing():
+    net, ref = mlp(), mlp()
+    opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1), constraints=0, validate=False)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for step in range(3):
+        with no_host_sync():
+            opt.zero_grad()
+            task_loss(net, step).backward()
+            opt.apply_surgery()
+        opt.step()
+        ref_opt.zero_grad()
+        task_loss(ref, step).backward()
+        ref_opt.step()
+        assert exact(net, ref)
 
 
 @pytest.mark.parametrize("make", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())

@@ -19,7 +19,7 @@ gradient FSDP2 reduce-scatters is added into the row in place.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -281,18 +281,23 @@ class GradientBank:
         """
         return not self.changes(params)
 
-    def rebuilt(self, params: Iterable[Tensor]) -> GradientBank:
+    def rebuilt(
+        self, params: Iterable[Tensor], sources: Sequence[int | None] | None = None
+    ) -> GradientBank:
         """A new bank for ``params`` that carries over what this one holds.
 
         Must be called with gradients bound to row 0. Row 0 comes from each ``.grad``
         (converted to the parameter's new dtype and layout); the other rows and the record
         of which parameters got a gradient are carried for every parameter of unchanged
         shape. A parameter that left (frozen) loses the bank's ``.grad`` (it becomes
-        ``None``); this bank's hooks are removed.
+        ``None``); this bank's hooks are removed. ``sources`` gives, for each row of the
+        new bank after row 0, the row of this one it carries, or ``None`` for a zero row
+        (default: the same rows).
         """
         params = _unique(params)
         before = {id(p): p.grad for p in params}
-        new = GradientBank(params, self.rows)
+        carried = list(range(1, self.rows)) if sources is None else list(sources)
+        new = GradientBank(params, 1 + len(carried))
         with torch.no_grad():
             for i, p in enumerate(new.params):
                 j = self._position.get(id(p))
@@ -302,9 +307,10 @@ class GradientBank:
                     new._reached[0][i] = self._reached[0][j]
                 if p.shape != self._signatures[id(p)][2]:
                     continue
-                for row in range(1, self.rows):
-                    _copy_into(new._views[row][i], self._views[row][j])
-                    new._reached[row][i] = self._reached[row][j]
+                for row, source in enumerate(carried, start=1):
+                    if source is not None:
+                        _copy_into(new._views[row][i], self._views[source][j])
+                        new._reached[row][i] = self._reached[source][j]
         for j, p in enumerate(self.params):
             if id(p) not in new._position and any(p.grad is g[j] for g in self._grads):
                 p.grad = None

@@ -87,7 +87,7 @@ def assert_bound(opt: GEMProjector) -> None:
 
 def pair() -> tuple[nn.Module, GEMProjector, nn.Module, torch.optim.Optimizer]:
     net, ref = conv_net(), conv_net()
-    opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9))
+    opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9), margin=0.0)
     return net, opt, ref, torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
 
 
@@ -172,7 +172,7 @@ def embedding_pair(
         return nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 1))
 
     net, ref = build(), build()
-    opt = GEMProjector(optimizer(net.parameters(), lr=0.1))
+    opt = GEMProjector(optimizer(net.parameters(), lr=0.1), margin=0.0)
     return net, opt, ref, optimizer(ref.parameters(), lr=0.1)
 
 
@@ -386,19 +386,19 @@ def test_a_change_inside_a_routing_block_is_refused_until_zero_grad():
 def test_complex_parameters_are_refused_at_construction():
     param = nn.Parameter(torch.randn(3, dtype=torch.complex64))
     with pytest.raises(ValueError, match=r"complex parameters are not supported .*view_as_real"):
-        GEMProjector(torch.optim.SGD([param], lr=0.1))
+        GEMProjector(torch.optim.SGD([param], lr=0.1), margin=0.0)
 
 
 def test_meta_parameters_are_refused_at_construction():
     net = nn.Linear(2, 2, device="meta")
     with pytest.raises(ValueError, match=r"meta device .*to_empty"):
-        GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1))
+        GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1), margin=0.0)
 
 
 def test_sparse_adam_is_refused_at_construction():
     net = nn.Embedding(5, 3, sparse=True)
     with pytest.raises(ValueError, match="cannot wrap SparseAdam: it needs sparse gradients"):
-        GEMProjector(torch.optim.SparseAdam(net.parameters(), lr=0.1))
+        GEMProjector(torch.optim.SparseAdam(net.parameters(), lr=0.1), margin=0.0)
 
 
 @pytest.mark.parametrize("route", ["wrapper", "model"])
@@ -408,7 +408,7 @@ def test_sparse_embedding_gradients_are_held_densely_and_step_as_torch(route):
         return nn.Embedding(6, 3, sparse=True)
 
     net, ref = build(), build()
-    opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+    opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), margin=0.0)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     for step in range(4):
         ids = torch.tensor([step % 6, 2, 2])

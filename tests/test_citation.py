@@ -95,7 +95,7 @@ def test_cite_by_name_class_or_optimizer_gives_the_library_then_the_papers():
 
 def test_cite_walks_a_stack_of_wrappers_and_lists_each_paper_once():
     model = bert(layers=2)
-    gem = GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1))
+    gem = GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), margin=0.0)
     keys = [entry["key"] for entry in bibtex_entries(cite(PhasedLR(gem, model)))]
     assert keys == [
         "gradsurgery",

@@ -47,7 +47,7 @@ def test_wrapper_step_does_not_synchronise_and_matches_the_cpu(dtype):
     nets = {device: mlp(dtype=dtype).to(device) for device in ("cpu", "cuda")}
     opts = {
         device: GEMProjector(
-            torch.optim.SGD(net.parameters(), lr=0.1), constraints=NAMES, validate=False
+            torch.optim.SGD(net.parameters(), lr=0.1), margin=0.0, constraints=NAMES, validate=False
         )
         for device, net in nets.items()
     }

@@ -208,6 +208,7 @@ def nan_on_one_rank(rank: int) -> dict[str, Any]:
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = GEMProjector(
         torch.optim.SGD(model.parameters(), lr=0.1),
+        margin=0.0,
         constraints=1,
         grad_scaler=scaler,
         distributed=Replicated(),
@@ -308,7 +309,7 @@ def test_nan_on_one_rank_stops_every_rank(ranks):
 def test_a_bad_layout_is_refused_before_anything_is_built():
     model = make_model()
     with pytest.raises(TypeError, match="Replicated"):
-        GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), distributed="ddp")
+        GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), margin=0.0, distributed="ddp")
     if not dist.is_initialized():
         with pytest.raises(RuntimeError, match="init_process_group"):
             PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), 2, distributed=Sharded())

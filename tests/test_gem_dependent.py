@@ -155,7 +155,7 @@ def test_an_uncertified_device_answer_falls_back_to_the_exact_solver(monkeypatch
     assert float(x.norm()) <= 1e-12
 
     model = torch.nn.Linear(2, 1, bias=False).double()
-    opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=1.0), constraints=5)
+    opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=1.0), 0.0, constraints=5)
     (model.weight * g).sum().backward()
     for k in range(5):
         with opt.constraint(k):
@@ -169,7 +169,7 @@ def test_an_uncertified_device_answer_falls_back_to_the_exact_solver(monkeypatch
 
 def test_a_certified_step_reports_no_fallback():
     model = torch.nn.Linear(3, 1, bias=False).double()
-    opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=1.0), constraints=2)
+    opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=1.0), 0.0, constraints=2)
     (model.weight * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
     for k, row in enumerate([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]):
         with opt.constraint(k):
@@ -188,7 +188,7 @@ def test_when_even_the_exact_solver_fails_nothing_changes(monkeypatch):
         gem_project(g, J)
 
     model = torch.nn.Linear(2, 1, bias=False).double()
-    opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=1.0), constraints=5)
+    opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=1.0), 0.0, constraints=5)
     (model.weight * g).sum().backward()
     for k in range(5):
         with opt.constraint(k):

@@ -35,7 +35,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def wrapper_step(problem: Problem) -> torch.Tensor:
     """What a GEMProjector around SGD(lr=1) subtracts from the parameters."""
     weight = torch.nn.Parameter(torch.zeros(P, dtype=problem.g.dtype))
-    opt = GEMProjector(torch.optim.SGD([weight], lr=1.0))
+    opt = GEMProjector(torch.optim.SGD([weight], lr=1.0), 0.0)
     (weight * problem.g).sum().backward()
     with opt.constraint():
         (weight * problem.J[0]).sum().backward()

@@ -68,7 +68,7 @@ def train(
 ) -> TwoBranches:
     net = TwoBranches()
     inner = make(list(net.parameters()))
-    opt: torch.optim.Optimizer = GEMProjector(inner) if wrapped else inner
+    opt: torch.optim.Optimizer = GEMProjector(inner, margin=0.0) if wrapped else inner
     for step in range(steps):
         if step == freeze_at:
             net.heads[1].requires_grad_(False)
@@ -150,7 +150,7 @@ def test_any_sequence_of_used_branches_and_zeroing_equals_torch(optimizer, plan)
 
 def test_a_parameter_reached_only_by_a_constraint_gets_the_projection():
     net = TwoBranches()
-    opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1))
+    opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1), margin=0.0)
     before = [p.detach().clone() for p in net.parameters()]
     opt.zero_grad()
     loss = net(batch(0), (0,))
@@ -178,7 +178,7 @@ def test_a_parameter_reached_only_by_a_constraint_gets_the_projection():
 
 def test_the_hooks_neither_pile_up_nor_keep_the_optimizer_alive():
     net = TwoBranches()
-    opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1))
+    opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1), margin=0.0)
     for step in range(3):
         net.heads[1].requires_grad_(step % 2 == 0)  # a rebuild each step
         opt.zero_grad()
@@ -209,7 +209,7 @@ def test_with_distributed_set_an_unreached_parameter_is_stepped_with_zero(tmp_pa
     )
     try:
         net = TwoBranches()
-        opt = GEMProjector(make(list(net.parameters())), distributed=Replicated())
+        opt = GEMProjector(make(list(net.parameters())), margin=0.0, distributed=Replicated())
         for step in range(5):
             opt.zero_grad()
             net(batch(step), branches(step)).backward()

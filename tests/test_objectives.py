@@ -289,7 +289,7 @@ NAMES = ["mlm", "xsr", "align"]
 def test_objective_as_a_gem_constraint(tmp_path: Path, name: str) -> None:
     task, params, objective, batches = objectives(tmp_path, name)
     assert isinstance(objective, MemoryObjective)
-    opt = GEMProjector(torch.optim.SGD(params, lr=0.1), constraints=[name])
+    opt = GEMProjector(torch.optim.SGD(params, lr=0.1), margin=0.0, constraints=[name])
     batch = batches.sample()
     task_value, memory_value = task_loss(task, None), objective(task, batch)
     expected_dot = flat_grad(task_value, params) @ flat_grad(memory_value, params)

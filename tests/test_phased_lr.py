@@ -191,10 +191,10 @@ def gem_by_hand_step(ref, ref_opt, step, k):
 
 def test_over_gem_projector_equals_both_by_hand_in_either_order():
     model, swapped, ref = bert(12).double(), bert(12).double(), bert(12).double()
-    gem = GEMProjector(torch.optim.AdamW(model.parameters(), lr=0.01))
+    gem = GEMProjector(torch.optim.AdamW(model.parameters(), lr=0.01), margin=0.0)
     opt = PhasedLR(gem, model, window=2)
     inner_phased = PhasedLR(torch.optim.AdamW(swapped.parameters(), lr=0.01), swapped, window=2)
-    outer_gem = GEMProjector(inner_phased)
+    outer_gem = GEMProjector(inner_phased, margin=0.0)
     ref_opt = torch.optim.AdamW(groups_by_role(ref), lr=0.01)
     projected = 0
     for step in range(len(OBSERVED)):
@@ -272,7 +272,7 @@ def test_add_param_group_splits_the_same_way():
         p for n, p in model.named_parameters() if ".layer.1" not in n and "classifier" not in n
     ]
     upper = [p for n, p in model.named_parameters() if ".layer.1" in n or "classifier" in n]
-    gem = GEMProjector(torch.optim.SGD(lower, lr=0.1))
+    gem = GEMProjector(torch.optim.SGD(lower, lr=0.1), margin=0.0)
     opt = PhasedLR(gem, model)
     count = len(opt.param_groups)
     opt.add_param_group({"params": upper, "lr": 0.05})
@@ -361,7 +361,7 @@ def test_a_step_reads_nothing_back_to_the_host():
 
 def test_a_failed_inner_step_restores_the_rates_and_keeps_the_observation():
     model = bert(12)
-    gem = GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1))
+    gem = GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), margin=0.0)
     opt = PhasedLR(gem, model)
     opt.zero_grad()
     (tagging_loss(model, 0) + float("nan") * model.classifier.weight.sum()).backward()
@@ -521,7 +521,7 @@ def test_loading_an_incompatible_state_dict_changes_nothing():
             similarity=CKAMonitor(),
         ),
         "window": PhasedLR(torch.optim.Adam(model.parameters()), model, window=4),
-        "GEMProjector": GEMProjector(torch.optim.Adam(model.parameters())),
+        "GEMProjector": GEMProjector(torch.optim.Adam(model.parameters()), margin=0.0),
     }
     for message, other in others.items():
         with pytest.raises(ValueError, match=message):

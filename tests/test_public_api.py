@@ -105,6 +105,7 @@ PUBLIC = {
         "pcgrad_weights",
         "uniform_weights",
     ],
+    "gradsurgery.episodic": ["ReservoirMemory", "RingMemory"],
     "gradsurgery.errors": ["NonFiniteGradientError", "ParetoStationaryError", "SolverError"],
     "gradsurgery.citation": ["LIBRARY_BIBTEX", "cite", "methods"],
     "gradsurgery.papers": [
@@ -209,7 +210,9 @@ def test_repr_shows_settings_and_the_inner_optimizer(name):
 
 def test_repr_of_phased_lr_and_of_a_stack_nests_the_inner_reprs():
     model = bert(layers=2)
-    gem = GEMProjector(torch.optim.AdamW(model.parameters(), lr=1e-3), constraints=["mlm"])
+    gem = GEMProjector(
+        torch.optim.AdamW(model.parameters(), lr=1e-3), margin=0.0, constraints=["mlm"]
+    )
     opt = PhasedLR(gem, model, c1=0.05, c2=None, window=7)
     text = repr(opt)
     assert text.startswith("PhasedLR(")

@@ -87,7 +87,7 @@ def hand_written_gem(steps: int, clip_first: bool) -> dict[str, torch.Tensor]:
     data = examples(8, seed=0)
     mem = memory()
     inner = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    opt = GEMProjector(inner, constraints=["mlm", "xsr"])
+    opt = GEMProjector(inner, margin=0.0, constraints=["mlm", "xsr"])
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / steps)
     cycles = {name: BatchCycle(name, batches) for name, (batches, _) in mem.items()}
     for step in range(steps):
@@ -175,7 +175,7 @@ def test_bf16_autocast_on_cpu_reaches_the_memory_losses(tmp_path: Path) -> None:
         model=model,
         args=arguments(tmp_path, bf16=True),
         train_dataset=examples(16, seed=0),
-        wrap=lambda o: GEMProjector(o, constraints=["mlm"]),
+        wrap=lambda o: GEMProjector(o, margin=0.0, constraints=["mlm"]),
         sources={"mlm": (batches(2, seed=7), recording_loss)},
     )
     before = parameters(trainer.model)
@@ -219,7 +219,7 @@ def test_a_step_whose_memory_gradient_overflows_is_skipped(tmp_path: Path) -> No
         model=model,
         args=arguments(tmp_path, max_steps=1),
         train_dataset=examples(16, seed=0),
-        wrap=lambda o: GEMProjector(o, constraints=["mlm"]),
+        wrap=lambda o: GEMProjector(o, margin=0.0, constraints=["mlm"]),
         sources={"mlm": (batches(2, seed=7), overflowing_first)},
     )
     scaler = with_grad_scaler(trainer)
@@ -280,7 +280,7 @@ def test_resume_restores_a_stream_source_where_it_was(tmp_path: Path) -> None:
             model=tiny_bert(),
             args=arguments(out, max_steps=4, save_strategy="steps", save_steps=2),
             train_dataset=examples(16, seed=0),
-            wrap=lambda o: GEMProjector(o, constraints=["mlm"]),
+            wrap=lambda o: GEMProjector(o, margin=0.0, constraints=["mlm"]),
             sources={"mlm": (SeededStream(5), tagging_loss)},
         )
 
@@ -359,7 +359,7 @@ def test_gem_with_the_papers_memory_objectives_on_real_formats(tmp_path: Path) -
         args=arguments(tmp_path / "out", per_device_train_batch_size=2),
         train_dataset=train,
         data_collator=DataCollatorForTokenClassification(tok),
-        wrap=lambda o: GEMProjector(o, constraints=["mlm", "xsr"]),
+        wrap=lambda o: GEMProjector(o, margin=0.0, constraints=["mlm", "xsr"]),
         sources={
             "mlm": (MemoryBatches(memory_text, mlm_collator, batch_size=2, seed=0), MaskedLM(mlm)),
             "xsr": (
@@ -378,7 +378,7 @@ def test_gem_with_the_papers_memory_objectives_on_real_formats(tmp_path: Path) -
 
 def test_a_wrapper_given_through_optimizers_runs(tmp_path: Path) -> None:
     model = tiny_bert()
-    opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), constraints=["mlm"])
+    opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), margin=0.0, constraints=["mlm"])
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5**t)
     trainer = SurgeryTrainer(
         model=model,

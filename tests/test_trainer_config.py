@@ -42,7 +42,7 @@ def test_under_a_grad_scaler_the_surgery_must_be_outermost(tmp_path: Path) -> No
     outside = SurgeryTrainer(
         model=model,
         args=arguments(tmp_path),
-        wrap=lambda o: GEMProjector(PhasedLR(o, model, window=1)),
+        wrap=lambda o: GEMProjector(PhasedLR(o, model, window=1), margin=0.0),
         sources={"0": (batches(1, seed=7), tagging_loss)},
     )
     scaler = with_grad_scaler(outside)
@@ -85,13 +85,13 @@ def test_bad_construction_is_refused(case: str, tmp_path: Path) -> None:
 BAD_TRAIN: dict[str, tuple[Any, dict[str, Any], dict[str, Any], str]] = {
     "wrap returns a plain optimizer": (lambda o: o, {}, {}, "gradsurgery wrapper around"),
     "missing constraint": (
-        lambda o: GEMProjector(o, constraints=["mlm", "xsr"]),
+        lambda o: GEMProjector(o, margin=0.0, constraints=["mlm", "xsr"]),
         {"mlm": (batches(1, 7), tagging_loss)},
         {},
         r"needs one for each of the constraints \['mlm', 'xsr'\]",
     ),
     "unknown source": (
-        lambda o: GEMProjector(o, constraints=["mlm"]),
+        lambda o: GEMProjector(o, margin=0.0, constraints=["mlm"]),
         {"mlm": (batches(1, 7), tagging_loss), "nlm": (batches(1, 7), tagging_loss)},
         {},
         "no other",
@@ -103,7 +103,7 @@ BAD_TRAIN: dict[str, tuple[Any, dict[str, Any], dict[str, Any], str]] = {
         "needs train_objective",
     ),
     "train_objective for GEM": (
-        lambda o: GEMProjector(o, constraints=["mlm"]),
+        lambda o: GEMProjector(o, margin=0.0, constraints=["mlm"]),
         {"mlm": (batches(1, 7), tagging_loss)},
         {"train_objective": "en"},
         "applies to multi-objective wrappers",
@@ -115,19 +115,19 @@ BAD_TRAIN: dict[str, tuple[Any, dict[str, Any], dict[str, Any], str]] = {
         "not both",
     ),
     "wrapper with its own GradScaler": (
-        lambda o: GEMProjector(o, grad_scaler=torch.amp.GradScaler("cpu")),
+        lambda o: GEMProjector(o, margin=0.0, grad_scaler=torch.amp.GradScaler("cpu")),
         {"0": (batches(1, 7), tagging_loss)},
         {},
         "leave it unset",
     ),
     "memory loss not a scalar": (
-        lambda o: GEMProjector(o, constraints=["mlm"]),
+        lambda o: GEMProjector(o, margin=0.0, constraints=["mlm"]),
         {"mlm": (batches(1, 7), lambda m, b: m(**b).logits)},
         {},
         r"source 'mlm' must be a 0-d tensor, got \(4, 6, 3\)",
     ),
     "iterator that runs out": (
-        lambda o: GEMProjector(o, constraints=["mlm"]),
+        lambda o: GEMProjector(o, margin=0.0, constraints=["mlm"]),
         {"mlm": (iter([]), tagging_loss)},
         {},
         "the iterator of source 'mlm' ran out at draw 0",

@@ -51,7 +51,7 @@ class Vector(nn.Module):
 
 def gem_fp16_step(a: float) -> GEMProjector:
     vec = Vector(torch.float16)
-    opt = GEMProjector(torch.optim.SGD(vec.parameters(), lr=1e-6))
+    opt = GEMProjector(torch.optim.SGD(vec.parameters(), lr=1e-6), margin=0.0)
     vec.loss([a, a]).backward()
     with opt.constraint():
         vec.loss([1.0, -3.0]).backward()
@@ -60,7 +60,7 @@ def gem_fp16_step(a: float) -> GEMProjector:
 
 def test_the_reported_fp16_projection_is_refused_before_anything_changes():
     vec = Vector(torch.float16)
-    opt = GEMProjector(torch.optim.SGD(vec.parameters(), lr=1.0))
+    opt = GEMProjector(torch.optim.SGD(vec.parameters(), lr=1.0), margin=0.0)
     vec.loss([6e4, 6e4]).backward()
     with opt.constraint():
         vec.loss([1.0, -3.0]).backward()
@@ -235,7 +235,7 @@ def test_a_copy_carries_rows_filled_mid_step():
 
 def test_a_stack_around_a_surgery_is_copied_whole():
     net = bert(2)
-    gem = GEMProjector(torch.optim.AdamW(net.parameters(), lr=0.01))
+    gem = GEMProjector(torch.optim.AdamW(net.parameters(), lr=0.01), margin=0.0)
     opt = PhasedLR(gem, net, window=2)
     pairs = [(net, opt, gem)]
     pairs.append(copy.deepcopy(pairs[0]))
@@ -257,7 +257,7 @@ def test_a_stack_around_a_surgery_is_copied_whole():
 @pytest.mark.parametrize(
     "wrapper",
     [
-        lambda opt, names: GEMProjector(opt, constraints=names),
+        lambda opt, names: GEMProjector(opt, margin=0.0, constraints=names),
         lambda opt, names: Uniform(opt, names),
         lambda opt, names: PCGrad(opt, names),
         lambda opt, names: GradVac(opt, names),
@@ -277,7 +277,7 @@ def test_a_single_string_is_one_name(wrapper):
 def test_a_single_constraint_name_routes_and_projects():
     net, ref = nn.Linear(3, 1), nn.Linear(3, 1)
     ref.load_state_dict(net.state_dict())
-    opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1), constraints="memory")
+    opt = GEMProjector(torch.optim.SGD(net.parameters(), lr=0.1), margin=0.0, constraints="memory")
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
     net(x).sum().backward()
     with opt.constraint("memory"):
@@ -328,7 +328,7 @@ def test_gem_in_fp16_raises_exactly_when_the_exact_projection_overflows(rows):
     x = reference.project(g, g1[None])
     vec = Vector(torch.float16)
     vec.w.data = torch.zeros(len(g), dtype=torch.float16)
-    opt = GEMProjector(torch.optim.SGD(vec.parameters(), lr=0.0), solver="closed_form")
+    opt = GEMProjector(torch.optim.SGD(vec.parameters(), lr=0.0), margin=0.0, solver="closed_form")
     vec.loss(list(g)).backward()
     with opt.constraint():
         vec.loss(list(g1)).backward()

@@ -105,9 +105,14 @@ MEMORY = ["mlm", "xsr"]
 
 # name: (model -> wrap, sources, train_objective, prefixes of the logged statistics)
 SETUPS: dict[str, tuple[Callable[[nn.Module], Wrap], Callable[[], Any], str | None, list[str]]] = {
-    "gem": (lambda m: lambda o: GEMProjector(o, constraints=MEMORY), memory, None, ["gem/"]),
+    "gem": (
+        lambda m: lambda o: GEMProjector(o, margin=0.0, constraints=MEMORY),
+        memory,
+        None,
+        ["gem/"],
+    ),
     "agem": (
-        lambda m: lambda o: GEMProjector(o, constraints=MEMORY, mode="agem"),
+        lambda m: lambda o: GEMProjector(o, margin=0.0, constraints=MEMORY, mode="agem"),
         memory,
         None,
         ["gem/"],
@@ -124,7 +129,7 @@ SETUPS: dict[str, tuple[Callable[[nn.Module], Wrap], Callable[[], Any], str | No
     "mgda": (lambda m: lambda o: MGDA(o, LANGS), languages, "en", ["mgda/"]),
     "phased": (lambda m: lambda o: PhasedLR(o, m, window=1), dict, None, ["phased/"]),
     "phased_gem": (
-        lambda m: lambda o: PhasedLR(GEMProjector(o, constraints=MEMORY), m, window=1),
+        lambda m: lambda o: PhasedLR(GEMProjector(o, margin=0.0, constraints=MEMORY), m, window=1),
         memory,
         None,
         ["gem/", "phased/"],

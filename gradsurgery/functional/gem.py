@@ -100,7 +100,8 @@ def gem_multipliers(
     """Solve the GEM dual from the Gram of the stacked gradients ``[g; g_1; …; g_t]``.
 
     Args:
-        gram: ``(t + 1, t + 1)`` float64 Gram matrix, the task gradient first.
+        gram: ``(t + 1, t + 1)`` float64 Gram matrix, the task gradient first (``t = 0``
+            is allowed: nothing is violated).
         margin: lower bound ``m ≥ 0`` on the multipliers (GEM's memory strength).
         mode: ``"gem"`` (one constraint per row) or ``"agem"`` (the mean row).
         solver: see :func:`gradsurgery.qp.solve_lower_bounded`; ignored for A-GEM, whose
@@ -126,6 +127,9 @@ def gem_multipliers(
     b = gram[1:, 0]
     K = gram[1:, 1:]
     t = b.shape[0]
+    if t == 0:  # nothing to keep: x = g
+        no = b.new_zeros((), dtype=torch.bool)
+        return GEMSolution(b, no, b.new_zeros(()), no)
     # the size of the terms of x = g + Jᵀv when every v_k sits at its bound m
     unit = gram[0, 0].clamp(min=0).sqrt() + margin * K.diagonal().clamp(min=0).sqrt().sum()
     fallback = False

@@ -13,16 +13,19 @@ from gradsurgery.wrappers.wrapped import WrappedOptimizer
 __all__ = ["check_grad_scaler", "check_inner", "row_names"]
 
 
-def row_names(rows: int | str | Sequence[str], kind: str) -> tuple[str, ...]:
-    """The rows' names: ``"0"``, ``"1"``, … for a count; a single string is one name."""
+def row_names(rows: int | str | Sequence[str], kind: str, minimum: int = 1) -> tuple[str, ...]:
+    """The rows' names: ``"0"``, ``"1"``, … for a count; a single string is one name.
+
+    At least ``minimum`` rows (0 or 1) are required.
+    """
     if isinstance(rows, bool):
         raise ValueError(f"{kind}s must be a count or names, got {rows!r}")
     if isinstance(rows, int):
-        if rows < 1:
-            raise ValueError(f"{kind}s must be at least 1, got {rows}")
+        if rows < minimum:
+            raise ValueError(f"{kind}s must be at least {minimum}, got {rows}")
         return tuple(str(k) for k in range(rows))
     names = (rows,) if isinstance(rows, str) else tuple(rows)
-    if not names or not all(isinstance(name, str) and name for name in names):
+    if len(names) < minimum or not all(isinstance(name, str) and name for name in names):
         raise ValueError(f"{kind}s must be a count or non-empty names, got {rows!r}")
     if len(set(names)) != len(names):
         raise ValueError(f"{kind} names must be unique, got {names}")

@@ -37,11 +37,14 @@ from gradsurgery.functional.gem import (
     raise_non_finite,
 )
 from gradsurgery.papers import CHAUDHRY_2019, LIU_2021, LOPEZ_PAZ_2017
-from gradsurgery.wrappers import overflow
+from gradsurgery.wrappers import amp, overflow
 from gradsurgery.wrappers.checks import row_names
 from gradsurgery.wrappers.surgery import SurgeryOptimizer
 
-__all__ = ["GEMProjector", "GEMStats"]
+__all__ = ["GEM_MARGIN", "GEMProjector", "GEMStats"]
+
+GEM_MARGIN = 0.5
+"""GEM's default memory strength: the value of Lopez-Paz & Ranzato (2017)'s experiments."""
 
 
 @dataclass(frozen=True)
@@ -162,10 +165,14 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         optimizer: the inner optimizer (its groups, state and hyper-parameters are shared:
             LR schedulers and ``clip_grad_norm_`` work on the wrapper as on it).
         margin: GEM's memory strength ``m ≥ 0``: when projecting, every multiplier is at
-            least ``m`` (0.5 in the original code). 0 gives the exact projection.
+            least ``m``. Default: 0.5 for ``mode="gem"``, the value the original GEM code
+            runs with, and 0 for ``"agem"``, as A-GEM's code. 0 gives the exact projection.
         constraints: number of constraints, their names, or one name (default: one, named
-            ``"0"``).
+            ``"0"``). 0 (or ``[]``) is allowed: until :meth:`add_constraint` adds one,
+            ``step()`` steps the inner optimizer on the unchanged gradient.
         mode: ``"gem"`` (every constraint) or ``"agem"`` (the mean constraint gradient).
+            A-GEM as its paper runs it, one reference gradient from a batch sampled across
+            the whole memory, is one constraint fed with that batch (either mode).
         solver: dual QP solver: ``"auto"``, ``"closed_form"`` (one constraint),
             ``"enumerate"`` (exact, on the device, no host sync) or a qpsolvers backend
             such as ``"daqp"`` (see ``docs/solvers.md``).
@@ -187,11 +194,12 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
     papers = (LIU_2021, LOPEZ_PAZ_2017, CHAUDHRY_2019)
 
     row_kind = "constraint"
+    min_rows = 0
 
     def __init__(
         self,
         optimizer: Optimizer,
-        margin: float = 0.0,
+        margin: float | None = None,
         *,
         constraints: int | str | Sequence[str] = 1,
         mode: GEMMode = "gem",
@@ -201,8 +209,12 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         validate: bool = True,
         distributed: Distributed | None = None,
     ) -> None:
-        check_options(margin, mode, eps)
-        qp.resolve_solver(solver, len(row_names(constraints, self.row_kind)))
+        check_options(0.0 if margin is None else margin, mode, eps)
+        names = row_names(constraints, self.row_kind, self.min_rows)
+        if names:
+            qp.resolve_solver(solver, len(names))
+        if margin is None:
+            margin = GEM_MARGIN if mode == "gem" else 0.0
         super().__init__(
             optimizer,
             constraints,
@@ -237,6 +249,68 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         """
         with self._route(self._index(name)):
             torch.autograd.backward(loss, inputs=list(self._bank.params), retain_graph=retain_graph)
+
+    def add_constraint(self, name: str) -> None:
+        """Add constraint ``name``, e.g. the memory of the task just finished.
+
+        Its row is allocated now: the flat buffer is rebuilt with one more row (``.grad``
+        and the other constraints keep their values; for a moment both buffers exist).
+        Every later step then needs a backward pass inside ``with opt.constraint(name):``.
+        Call it between steps.
+
+        Raises:
+            ValueError: ``name`` is not a new non-empty string, or ``solver`` cannot take
+                that many constraints (``"closed_form"`` takes one).
+            RuntimeError: a step is under way; nothing was changed.
+        """
+        self._set_constraints(row_names((*self.row_names, name), self.row_kind))
+
+    def remove_constraint(self, name: str | int) -> None:
+        """Remove constraint ``name`` (a name or an index) and its row.
+
+        The flat buffer is rebuilt with one row less. Removing the last one leaves a
+        wrapper that steps the inner optimizer on the unchanged gradient. Call it between
+        steps.
+
+        Raises:
+            ValueError: no constraint ``name``, or ``solver`` cannot take the number left.
+            RuntimeError: a step is under way; nothing was changed.
+        """
+        index = self._index(name)
+        self._set_constraints(self.row_names[:index] + self.row_names[index + 1 :])
+
+    def _set_constraints(self, names: tuple[str, ...]) -> None:
+        """Rebuild the flat buffer with one row per name, carrying the rows kept."""
+        if names == self.row_names:
+            return
+        self._check_can_change(names)
+        self._sync_bank()
+        old = {name: k for k, name in enumerate(self.row_names)}
+        self._bank = self._bank.rebuilt(
+            self._all_params(), [old[n] + 1 if n in old else None for n in names]
+        )
+        self._scaler_rows = amp.RowsForScaler(self._bank, len(names))
+        self._stale = [n in old and self._stale[old[n]] for n in names]
+        self._filled = [False] * len(names)
+        self.row_names = names
+
+    def _check_can_change(self, names: tuple[str, ...]) -> None:
+        if names:
+            qp.resolve_solver(self.solver, len(names))
+        if self._routing or self._pending is not None or any(self._filled):
+            raise RuntimeError(
+                "the constraints cannot change in the middle of a step (a constraint holds "
+                "this step's gradient, or apply_surgery() ran); change them between steps, "
+                "after step() or zero_grad()"
+            )
+
+    def _check_extra_state(self, state: dict[str, Any]) -> None:
+        names = row_names(list(state.get("rows", [])), self.row_kind, self.min_rows)
+        if names != self.row_names:
+            self._check_can_change(names)
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._set_constraints(row_names(list(state["rows"]), self.row_kind, self.min_rows))
 
     def _surgery(self) -> GEMStats:
         bank = self._bank

@@ -78,6 +78,7 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
     """
 
     row_kind = "row"
+    min_rows = 1
     rewrites_grad = True
 
     def __init__(
@@ -90,7 +91,7 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         validate: bool = True,
         distributed: Distributed | None = None,
     ) -> None:
-        names = checks.row_names(rows, self.row_kind)
+        names = checks.row_names(rows, self.row_kind, self.min_rows)
         _distributed.check(distributed)
         super().__init__(optimizer)
         checks.check_inner(optimizer, type(self).__name__)
@@ -227,6 +228,10 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
     def _index(self, name: str | int | None) -> int:
         """The row of ``name`` (a name or an index; may be left out when there is one)."""
         kind = self.row_kind
+        if not self.row_names:
+            raise ValueError(
+                f"this {type(self).__name__} has no {kind}s: add one with add_{kind}(name)"
+            )
         if name is None:
             if len(self.row_names) != 1:
                 raise ValueError(f"name the {kind}, one of {list(self.row_names)}")

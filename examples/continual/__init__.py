@@ -1,0 +1,1 @@
+"""Continual learning over a stream of permuted-digits tasks with GEM and A-GEM."""

@@ -119,3 +119,38 @@ def test_the_faq_explains_every_error():
     assert len(messages) >= 8
     for piece in messages:
         assert " ".join(piece.split()) in faq, piece
+
+
+# Files users do not have: the maintainers' reference notes and their numbered papers.
+FOREIGN = re.compile("|".join([r"\bS" + r"PEC\b", "\u00a7", r"\bseeds? 0\d\d"]), re.I)
+OWN_TEXT = ("*.py", "*.md", "*.toml", "*.cff", "*.cfg", "*.txt", "*.json", "*.yaml", "*.yml")
+
+
+def test_nothing_cites_a_file_users_do_not_have():
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for folder in ("gradsurgery", "tests", "docs", "examples", "bench")
+        for pattern in OWN_TEXT
+        for path in sorted((ROOT / folder).rglob(pattern))
+        if "_build" not in path.parts
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if FOREIGN.search(line)
+    ]
+    found += [f"README.md: {m.group()}" for m in FOREIGN.finditer((ROOT / "README.md").read_text())]
+    assert not found, "cite the papers and docs/*.md instead:\n" + "\n".join(found)
+
+
+def test_every_design_decision_names_a_test_that_exists():
+    text = (DOCS / "design.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    decisions = [row for row in rows if not row.startswith("| decision |")]
+    assert len(decisions) >= 20
+    for row in decisions:
+        module = None
+        named = re.findall(r"`(tests/\w+\.py)?(?:::(\w+))?`", row)
+        assert named, f"a decision without its test: {row}"
+        for path, name in named:
+            module = path or module
+            assert module is not None and (ROOT / module).is_file(), row
+            if name:
+                assert f"def {name}(" in (ROOT / module).read_text(), f"{module}::{name}"

@@ -1,4 +1,4 @@
-"""LayerSets: S_I ⊃ S_II, V_I ⊃ V_II hold exactly the parameters SPEC §3 names."""
+"""LayerSets: S_I ⊃ S_II, V_I ⊃ V_II hold exactly the parameters docs/phased_lr.md names."""
 
 import math
 import re
@@ -12,7 +12,7 @@ from tests.encoders import bert, distilbert, roberta
 
 
 def spec_sets(names, layer_prefix, attention, feed_forward, slow, slow_key, fast):
-    """The sets as SPEC §3 words them, from the names: layer ranges, then sub-layers."""
+    """The sets as docs/phased_lr.md words them, from the names: layer ranges, then sub-layers."""
     pattern = re.compile(rf"^{re.escape(layer_prefix)}(\d+)\.(.+)$")
     sets = {name: set() for name in SET_NAMES}
     for name in names:
@@ -120,7 +120,7 @@ def test_the_rounding_and_the_overlap_rule():
         # S_I is every layer below V_I: the first ⌈10L/12⌉ unless that would overlap V_I
         assert list(split.slow) == list(range(min(math.ceil(10 * depth / 12), depth - fast)))
         assert list(split.slow_key) == list(range(min(math.ceil(4 * depth / 12), len(split.slow))))
-        if depth % 6 == 0:  # no overlap: exactly the spec's roundings
+        if depth % 6 == 0:  # no overlap: exactly the rounded-up fractions
             assert len(split.slow) == 10 * depth // 12 and len(split.slow_key) == depth // 3
         if depth >= 2:
             assert split.slow and split.slow_key and split.fast

@@ -1,4 +1,4 @@
-"""PCGrad, GradVac, MGDA, Uniform and LF-MLF as functions: SPEC §2 properties."""
+"""PCGrad, GradVac, MGDA, Uniform and LF-MLF as functions: the properties of docs/lfmlf.md."""
 
 import numpy as np
 import pytest

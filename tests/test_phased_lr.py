@@ -1,4 +1,4 @@
-"""PhasedLR: each set moves by lr·K, K as SPEC §3 says, with schedulers, wrappers and resumes."""
+"""PhasedLR: each set moves by lr·K, K as in Guo et al. 2023, with schedulers, wrappers, resumes."""
 
 import copy
 from collections import defaultdict
@@ -33,7 +33,7 @@ def _one_thread():
 
 
 def spec_multipliers(observed, window=2, threshold=0.1, exponent=3.0, c1=0.01, c2=10.0):
-    """K of each role after the losses ``observed``, from SPEC §3's table."""
+    """K of each role after the losses ``observed``, from the table of docs/phased_lr.md."""
     phase_one = len(observed) < 2 * window
     if not phase_one:
         recent = np.mean(observed[-window:])

@@ -1,4 +1,4 @@
-"""examples/phased_lr.py runs, prints multipliers that follow SPEC §3, and saves its plot."""
+"""examples/phased_lr.py runs, prints multipliers as in Guo et al. (2023), and saves its plot."""
 
 import runpy
 import sys

@@ -1,4 +1,4 @@
-"""PhaseDetector: the phase, φ and R(φ) of SPEC §3 on synthetic loss curves."""
+"""PhaseDetector: the phase, φ and R(φ) of Guo et al. (2023) on synthetic loss curves."""
 
 import math
 
@@ -13,7 +13,7 @@ from gradsurgery.phases import Phase, PhaseDetector
 
 
 def reference(losses, window, threshold, exponent):
-    """SPEC §3 after the last loss, computed independently with numpy."""
+    """φ and R(φ) of docs/phased_lr.md after the last loss, computed independently with numpy."""
     if len(losses) < 2 * window:
         return Phase.P1, None, None
     recent = np.mean(np.asarray(losses[-window:], dtype=np.float64))

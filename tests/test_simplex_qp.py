@@ -73,7 +73,7 @@ def test_lfmlf_problem_2_matches_brute_force(solver, problem):
         assert solver != "daqp"
         return
     w = solution.w.numpy()
-    # feasibility as SPEC §2 states it
+    # feasibility to the tolerances docs/lfmlf.md states
     assert abs(w.sum() - 1) <= 1e-6
     assert np.all(w >= -1e-6)
     assert np.all(K @ w >= -1e-6 * np.abs(K).max())

@@ -1,7 +1,7 @@
 """Parallel text (two aligned files, one sentence per line) and word alignments (``i-j``).
 
 Sentence retrieval (XSR, Liu et al. 2021) needs translation pairs; the alignment loss
-(Cao et al. 2020, as used by seed 004) needs word pairs ``(s_i, t_j)`` from a word aligner
+(Cao et al. 2020, as used by Efimov et al. 2022) needs word pairs ``(s_i, t_j)`` from a word aligner
 such as fast_align (Dyer et al., 2013), whose output has one line per sentence pair of
 space-separated ``i-j`` tokens: source word ``i`` is aligned with target word ``j``
 (0-based). Both files are tokenized: words are separated by whitespace.

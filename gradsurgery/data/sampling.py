@@ -16,7 +16,7 @@ B = TypeVar("B")
 
 DEFAULT_BATCH_SIZE = 16
 """Memory batch size of both papers: 16 for MLM and XSR (Liu et al., 2021, Appendix A),
-16 sentence pairs for the alignment loss (seed 004)."""
+16 sentence pairs for the alignment loss (Efimov et al., 2022)."""
 
 
 def sample_batch(
@@ -26,8 +26,8 @@ def sample_batch(
 ) -> list[T]:
     """``batch_size`` distinct items drawn at random (all of them, shuffled, if fewer).
 
-    Each call draws afresh, as seed 004 samples its alignment batch at every step; pass a
-    seeded ``torch.Generator`` for a reproducible sequence of batches.
+    Each call draws afresh, as Efimov et al. (2022) sample their alignment batch at every
+    step; pass a seeded ``torch.Generator`` for a reproducible sequence of batches.
 
     Raises:
         ValueError: no item, or a bad ``batch_size``.
@@ -56,11 +56,11 @@ class MemoryBatches(Generic[T, B]):
 
     Batch ``k`` holds ``batch_size`` distinct items drawn at random, collated and moved to
     ``device``: the "batch of data samples from the MLM and XSR tasks" of each iteration in
-    Liu et al. (2021), or seed 004's alignment batch. With a ``seed``, batch ``k`` depends
-    only on ``(seed, k)``: both the draw and the collator's use of torch's global random
-    generator (``DataCollatorForLanguageModeling``'s masking when the collator has no seed
-    of its own) are seeded from them, so a run resumed at position ``k`` sees the same
-    batches as an uninterrupted one.
+    Liu et al. (2021), or the alignment batch of Efimov et al. (2022). With a ``seed``,
+    batch ``k`` depends only on ``(seed, k)``: both the draw and the collator's use of
+    torch's global random generator (``DataCollatorForLanguageModeling``'s masking when the
+    collator has no seed of its own) are seeded from them, so a run resumed at position ``k``
+    sees the same batches as an uninterrupted one.
 
     .. code-block:: python
 

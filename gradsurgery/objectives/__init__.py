@@ -3,7 +3,7 @@
 - Masked LM on memory text: :func:`mlm_loss`, :func:`mlm_perplexity` (Liu et al., 2021).
 - Cross-lingual sentence retrieval: :func:`xsr_loss`, :func:`retrieval_precision` (P@k).
 - Cross-lingual alignment against a frozen copy: :func:`alignment_loss`, :func:`frozen_copy`
-  (Cao et al., 2020; seed 004).
+  (Cao et al., 2020; Efimov et al., 2022).
 - One interface, ``objective(model, batch) -> loss``: :class:`MaskedLM`,
   :class:`SentenceRetrieval`, :class:`CrossLingualAlignment`, usable as a GEM constraint,
   an LF-MLF objective or, through :func:`auxiliary_loss`, an auxiliary loss.

@@ -1,4 +1,4 @@
-r"""Cross-lingual alignment loss (Cao et al., 2020, as used by seed 004; SPEC §4).
+r"""Cross-lingual alignment loss (Cao et al., 2020, as used by Efimov et al., 2022).
 
 For word pairs :math:`(s_i, t_i)` linked by a word aligner in parallel sentences, with
 :math:`f` the current model's contextual word vector (the mean of the word's last-layer
@@ -33,10 +33,10 @@ from gradsurgery.objectives.pooling import word_pool
 __all__ = ["DEFAULT_PULL_WEIGHT", "DEFAULT_STAY_WEIGHT", "alignment_loss", "word_vectors"]
 
 DEFAULT_PULL_WEIGHT = 0.01
-"""Weight of the pull term :math:`\\lVert f(s_i) - f(t_i) \\rVert^2` (seed 004's code)."""
+"""Weight of the pull term :math:`\\lVert f(s_i) - f(t_i) \\rVert^2` (Efimov et al.'s code)."""
 
 DEFAULT_STAY_WEIGHT = 1.0
-"""Weight of the stay term :math:`\\lVert f(s_j) - f^0(s_j) \\rVert^2` (seed 004's code)."""
+"""Weight of the stay term :math:`\\lVert f(s_j) - f^0(s_j) \\rVert^2` (Efimov et al.'s code)."""
 
 
 def word_vectors(model: nn.Module, encoding: WordEncoding) -> Tensor:

@@ -21,7 +21,7 @@ Trainer integration or an example can use any of them the same way, in three way
     opt = ParetoLessForgetting(torch.optim.AdamW(params, lr=1e-5), objectives=["en", "de"])
     opt.backward({"en": mlm(model, memory_en.sample()), "de": mlm(model, memory_de.sample())})
 
-    # 3. an auxiliary loss ("continual", seed 004): L = L_task + α·L_align
+    # 3. an auxiliary loss ("continual", Efimov et al., 2022): L = L_task + α·L_align
     align = CrossLingualAlignment(frozen_copy(model))
     auxiliary_loss(task_loss, align(model, pairs.sample())).backward()
 """
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 DEFAULT_ALPHA = 0.01
-"""Weight :math:`\\alpha` of an auxiliary memory loss ("continual" in seed 004)."""
+"""Weight :math:`\\alpha` of an auxiliary memory loss ("continual" in Efimov et al., 2022)."""
 
 
 @runtime_checkable
@@ -167,9 +167,9 @@ class CrossLingualAlignment:
 def auxiliary_loss(task_loss: Tensor, memory_loss: Tensor, alpha: float = DEFAULT_ALPHA) -> Tensor:
     r"""``task_loss + alpha · memory_loss``: a memory objective as an auxiliary loss.
 
-    Seed 004's "continual" fine-tuning, :math:`L = L_{\text{task}} + \alpha L_{\text{align}}`
-    with :math:`\alpha = 0.01`; with MLM or XSR it is the multi-task baseline (MTF) of
-    Liu et al. (2021) for a suitable :math:`\alpha`.
+    The "continual" fine-tuning of Efimov et al. (2022),
+    :math:`L = L_{\text{task}} + \alpha L_{\text{align}}` with :math:`\alpha = 0.01`; with MLM
+    or XSR it is the multi-task baseline (MTF) of Liu et al. (2021) for a suitable :math:`\alpha`.
 
     Raises:
         ValueError: a negative or non-finite ``alpha``, or losses that are not 0-d.

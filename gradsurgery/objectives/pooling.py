@@ -37,7 +37,7 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 def word_pool(hidden: Tensor, word_index: Tensor, num_words: int) -> Tensor:
-    r"""Word vectors: the mean of each word's sub-word vectors (seed 004, "avg").
+    r"""Word vectors: the mean of each word's sub-word vectors (Efimov et al., 2022, "avg").
 
     .. math:: f(w) = \frac{1}{|S_w|} \sum_{t \in S_w} h_t
 

@@ -141,7 +141,7 @@ def retrieval_precision(
     Args:
         model: a transformers model.
         collate: turns pairs into a batch, e.g. a :class:`~gradsurgery.data.ParallelCollator`.
-        pairs: the evaluation pairs (the seed holds out 10 % of Europarl).
+        pairs: the evaluation pairs (Liu et al., 2021, hold out 10 % of Europarl).
         ks: the ``k`` to report.
         batch_size: pairs encoded at once.
 

@@ -163,7 +163,7 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
 
     Args:
         optimizer: the inner optimizer (its groups, state and hyper-parameters are shared:
-            LR schedulers and ``clip_grad_norm_`` work on the wrapper as on it).
+            LR schedulers work on the wrapper as on it; clip with ``max_grad_norm``).
         margin: GEM's memory strength ``m ≥ 0``: when projecting, every multiplier is at
             least ``m``. Default: 0.5 for ``mode="gem"``, the value the original GEM code
             runs with, and 0 for ``"agem"``, as A-GEM's code. 0 gives the exact projection.
@@ -185,6 +185,8 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
             accelerator). See ``docs/gem.md``.
         distributed: ``None``, :class:`~gradsurgery.distributed.Replicated` (DDP) or
             :class:`~gradsurgery.distributed.Sharded` (FSDP2); see ``docs/distributed.md``.
+        max_grad_norm: clip the rewritten gradient to this 2-norm just before the inner
+            step, as ``clip_grad_norm_`` does (``None``: no clipping); see ``docs/faq.md``.
 
     Raises:
         ValueError: bad option values, no trainable parameter, parameters on several
@@ -208,6 +210,7 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         grad_scaler: torch.amp.GradScaler | None = None,
         validate: bool = True,
         distributed: Distributed | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         check_options(0.0 if margin is None else margin, mode, eps)
         names = row_names(constraints, self.row_kind, self.min_rows)
@@ -221,6 +224,7 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
             grad_scaler=grad_scaler,
             validate=validate,
             distributed=distributed,
+            max_grad_norm=max_grad_norm,
         )
         self.margin = float(margin)
         self.mode: GEMMode = mode

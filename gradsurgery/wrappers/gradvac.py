@@ -47,6 +47,8 @@ class GradVac(MultiObjectiveOptimizer):
         distributed: ``None``, :class:`~gradsurgery.distributed.Replicated` (DDP) or
             :class:`~gradsurgery.distributed.Sharded` (FSDP2); the generator's state
             is then broadcast from the group's first rank.
+        max_grad_norm: clip the rewritten gradient to this 2-norm just before the inner
+            step, as ``clip_grad_norm_`` does (``None``: no clipping); see ``docs/faq.md``.
     """
 
     papers = (WANG_2021,)
@@ -64,6 +66,7 @@ class GradVac(MultiObjectiveOptimizer):
         grad_scaler: torch.amp.GradScaler | None = None,
         validate: bool = True,
         distributed: Distributed | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         check_beta(beta)
         if granularity not in ("model", "parameter"):
@@ -75,6 +78,7 @@ class GradVac(MultiObjectiveOptimizer):
             grad_scaler=grad_scaler,
             validate=validate,
             distributed=distributed,
+            max_grad_norm=max_grad_norm,
         )
         broadcast_generator(generator, distributed)
         self.beta = float(beta)

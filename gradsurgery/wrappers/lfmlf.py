@@ -63,6 +63,8 @@ class ParetoLessForgetting(MultiObjectiveOptimizer):
         validate: raise on NaN/Inf gradients, stray backward passes and an inexact solve.
         distributed: ``None``, :class:`~gradsurgery.distributed.Replicated` (DDP) or
             :class:`~gradsurgery.distributed.Sharded` (FSDP2); see ``docs/distributed.md``.
+        max_grad_norm: clip the rewritten gradient to this 2-norm just before the inner
+            step, as ``clip_grad_norm_`` does (``None``: no clipping); see ``docs/faq.md``.
 
     Each step reads the ``T × T`` problem back to the host (the QP is solved there).
     """
@@ -82,6 +84,7 @@ class ParetoLessForgetting(MultiObjectiveOptimizer):
         grad_scaler: torch.amp.GradScaler | None = None,
         validate: bool = True,
         distributed: Distributed | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         if on_stationary not in ("skip", "raise"):
             raise ValueError(f"on_stationary must be 'skip' or 'raise', got {on_stationary!r}")
@@ -97,6 +100,7 @@ class ParetoLessForgetting(MultiObjectiveOptimizer):
             grad_scaler=grad_scaler,
             validate=validate,
             distributed=distributed,
+            max_grad_norm=max_grad_norm,
         )
         self.solver = solver
         self.on_stationary: OnStationary = on_stationary

@@ -36,6 +36,8 @@ class MGDA(MultiObjectiveOptimizer):
             step on an accelerator).
         distributed: ``None``, :class:`~gradsurgery.distributed.Replicated` (DDP) or
             :class:`~gradsurgery.distributed.Sharded` (FSDP2); see ``docs/distributed.md``.
+        max_grad_norm: clip the rewritten gradient to this 2-norm just before the inner
+            step, as ``clip_grad_norm_`` does (``None``: no clipping); see ``docs/faq.md``.
     """
 
     papers = (SENER_2018,)
@@ -51,6 +53,7 @@ class MGDA(MultiObjectiveOptimizer):
         grad_scaler: torch.amp.GradScaler | None = None,
         validate: bool = True,
         distributed: Distributed | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         if solver != "auto":
             qp.resolve_solver(solver, len(row_names(objectives, self.row_kind)))
@@ -60,6 +63,7 @@ class MGDA(MultiObjectiveOptimizer):
             grad_scaler=grad_scaler,
             validate=validate,
             distributed=distributed,
+            max_grad_norm=max_grad_norm,
         )
         self.solver = solver
 

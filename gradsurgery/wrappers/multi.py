@@ -118,6 +118,8 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
             small host read per step on an accelerator).
         distributed: ``None``, :class:`~gradsurgery.distributed.Replicated` (DDP) or
             :class:`~gradsurgery.distributed.Sharded` (FSDP2); see ``docs/distributed.md``.
+        max_grad_norm: clip the rewritten gradient to this 2-norm just before the inner
+            step, as ``clip_grad_norm_`` does (``None``: no clipping); see ``docs/faq.md``.
     """
 
     row_kind = "objective"
@@ -132,6 +134,7 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
         grad_scaler: torch.amp.GradScaler | None = None,
         validate: bool = True,
         distributed: Distributed | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         super().__init__(
             optimizer,
@@ -140,6 +143,7 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
             grad_scaler=grad_scaler,
             validate=validate,
             distributed=distributed,
+            max_grad_norm=max_grad_norm,
         )
 
     @property

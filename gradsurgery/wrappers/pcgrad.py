@@ -53,6 +53,8 @@ class PCGrad(MultiObjectiveOptimizer):
         distributed: ``None``, :class:`~gradsurgery.distributed.Replicated` (DDP) or
             :class:`~gradsurgery.distributed.Sharded` (FSDP2); the generator's state
             is then broadcast from the group's first rank.
+        max_grad_norm: clip the rewritten gradient to this 2-norm just before the inner
+            step, as ``clip_grad_norm_`` does (``None``: no clipping); see ``docs/faq.md``.
     """
 
     papers = (YU_2020,)
@@ -69,6 +71,7 @@ class PCGrad(MultiObjectiveOptimizer):
         grad_scaler: torch.amp.GradScaler | None = None,
         validate: bool = True,
         distributed: Distributed | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         check_reduction(reduction)
         generator = default_generator(generator)
@@ -78,6 +81,7 @@ class PCGrad(MultiObjectiveOptimizer):
             grad_scaler=grad_scaler,
             validate=validate,
             distributed=distributed,
+            max_grad_norm=max_grad_norm,
         )
         broadcast_generator(generator, distributed)
         self.reduction = reduction

@@ -32,7 +32,7 @@ from gradsurgery import binding
 from gradsurgery import distributed as _distributed
 from gradsurgery.distributed import Distributed
 from gradsurgery.flat import GradientBank
-from gradsurgery.wrappers import amp, checks
+from gradsurgery.wrappers import amp, checks, clipping
 from gradsurgery.wrappers.wrapped import WrappedOptimizer
 
 __all__ = ["StepStats", "SurgeryOptimizer"]
@@ -75,6 +75,9 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         distributed: ``None`` (one process), or the layout of the gradients across
             processes: :class:`~gradsurgery.distributed.Replicated` (DDP) or
             :class:`~gradsurgery.distributed.Sharded` (FSDP2); see ``docs/distributed.md``.
+        max_grad_norm: clip the rewritten gradient to this 2-norm after the surgery, as
+            ``torch.nn.utils.clip_grad_norm_`` does; ``None``: no clipping.
+            ``last_grad_norm`` holds the norm before clipping (a 0-d tensor).
     """
 
     row_kind = "row"
@@ -90,9 +93,11 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         grad_scaler: torch.amp.GradScaler | None = None,
         validate: bool = True,
         distributed: Distributed | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         names = checks.row_names(rows, self.row_kind, self.min_rows)
         _distributed.check(distributed)
+        max_grad_norm = clipping.check_max_grad_norm(max_grad_norm)
         super().__init__(optimizer)
         checks.check_inner(optimizer, type(self).__name__)
         checks.check_grad_scaler(grad_scaler)
@@ -100,6 +105,8 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         self.grad_scaler = grad_scaler
         self.validate = validate
         self.distributed = distributed
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: Tensor | None = None
         self._reduced = False
         self._bank = GradientBank(self._all_params(), 1 + len(names) + internal_rows)
         self._scaler_rows = amp.RowsForScaler(self._bank, len(names))
@@ -327,7 +334,7 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         raise NotImplementedError
 
     def apply_surgery(self) -> StatsT:
-        """Rewrite ``.grad`` now, e.g. to clip the result before :meth:`step`.
+        """Rewrite ``.grad`` now (and clip it to ``max_grad_norm`` if set), before :meth:`step`.
 
         ``step()`` calls it when you have not; calling it again before ``step()`` returns
         the same statistics without redoing anything. With a GradScaler, the task gradient
@@ -352,7 +359,13 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
             self._step_scaler = scaler if amp.enabled(scaler) else None
             if self._step_scaler is not None:
                 amp.unscale(self._step_scaler, self, self._scaler_rows)
-            self._pending = self._surgery()
+            stats = self._surgery()
+            self.last_grad_norm = None
+            if self.max_grad_norm is not None and not stats.skipped:
+                self.last_grad_norm = clipping.clip_(
+                    self._bank, self.max_grad_norm, self.distributed
+                )
+            self._pending = stats
         except BaseException:
             self._end_step()
             raise
@@ -440,6 +453,8 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
 
     def _settings(self) -> dict[str, Any]:
         settings: dict[str, Any] = {"validate": self.validate}
+        if self.max_grad_norm is not None:
+            settings["max_grad_norm"] = self.max_grad_norm
         if self.distributed is not None:
             settings["distributed"] = self.distributed
         return settings

@@ -36,6 +36,10 @@ def test_the_demo_command_runs_and_reports():
         check=True,
     )
     assert "the gradient was projected in" in result.stdout
+    headers = [line for line in result.stdout.splitlines() if line.startswith("== ")]
+    assert len(headers) == 3 and all(line.endswith(")") for line in headers)  # not cut off
+    assert result.stdout.count("<x, g_a>") >= 2  # each GEM run names its step columns
+    assert "A-GEM constrains only the average memory gradient" in result.stdout
     rows = {
         line[:20].strip(): [float(x) for x in line[20:].split()]
         for line in result.stdout.splitlines()
@@ -53,3 +57,13 @@ def test_the_readme_example_is_at_most_ten_lines():
     assert example is not None
     lines = [line for line in example.group(1).splitlines() if line.strip()]
     assert 5 <= len(lines) <= 10
+
+
+def test_the_slow_marker_says_what_pytest_does():
+    """Slow tests run by default (CI runs them); the marker's text says so."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    (addopts,) = re.findall(r'^addopts = "(.*)"$', pyproject, re.M)
+    assert "-m" not in addopts.split()
+    (slow,) = re.findall(r'^\s*"slow: (.*)",$', pyproject, re.M)
+    assert "runs by default" in slow and "-m 'not slow'" in slow
+    assert 'python -m pytest -m "not slow"' in (ROOT / "docs" / "getting_started.md").read_text()

@@ -261,9 +261,17 @@ def random_starts(count: int, steps: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--steps", type=int, default=300, help="SGD steps per method")
-    parser.add_argument("--out", type=Path, default=Path("docs/img/lfmlf_toy.png"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/lfmlf_toy.png"),
+        help="where the plot goes (docs/img/lfmlf_toy.png is the documentation's)",
+    )
     parser.add_argument("--starts", type=int, default=0, help="also compare from N random θ_p")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tensors of 2 values: a thread pool only adds overhead

@@ -194,13 +194,21 @@ def plot(history: list[tuple[float, PhasedStats]], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--steps", type=int, default=500, help="fine-tuning steps")
     parser.add_argument("--window", type=int, default=25, help="W of the phase detector")
     parser.add_argument("--every", type=int, default=25, help="print every this many steps")
     parser.add_argument("--pretrain-steps", type=int, default=100, help="steps of pre-training")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", type=Path, default=Path("docs/img/phased_lr.png"))
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=Path("results/phased_lr.png"),
+        help="where the plot goes (docs/img/phased_lr.png is the documentation's)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # a model this small runs fastest on one thread
 

@@ -21,8 +21,8 @@ METHODS = ["naive", "gem-mlm"]
 def test_quick_run_writes_its_results_and_gem_keeps_the_mlm_loss_lower(
     tmp_path, capsys, monkeypatch
 ):
-    out, plot = tmp_path / "result.json", tmp_path / "plot.png"
-    arguments = ["--quick", "--methods", *METHODS, "--json", str(out), "--plot", str(plot)]
+    out, plot = tmp_path / "crosslingual.json", tmp_path / "crosslingual.png"
+    arguments = ["--quick", "--methods", *METHODS, "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", ["examples.crosslingual", *arguments])
     with one_thread():
         runpy.run_module("examples.crosslingual", run_name="__main__")
@@ -63,7 +63,7 @@ def test_quick_run_writes_its_results_and_gem_keeps_the_mlm_loss_lower(
 def test_real_data_files_and_a_model_path_run_the_same_loop(tmp_path, capsys, monkeypatch):
     from gradsurgery.data import sample_file
 
-    out = tmp_path / "result.json"
+    out = tmp_path / "crosslingual.json"
     pos, memory = sample_file("en_pos.conllu"), sample_file("memory.en")
     parallel = ",".join(str(sample_file(f"parallel.{x}")) for x in ("en", "de", "en-de.align"))
     arguments = ["--model", "examples/crosslingual/tiny-mbert", "--train", f"en={pos}"]
@@ -78,7 +78,7 @@ def test_real_data_files_and_a_model_path_run_the_same_loop(tmp_path, capsys, mo
         f"de={parallel}",
     ]
     arguments += ["--methods", "naive", "gem-both", "lfmlf-2src", "--steps", "2"]
-    arguments += ["--seeds", "0", "--json", str(out), "--plot", str(tmp_path / "plot.png")]
+    arguments += ["--seeds", "0", "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", ["examples.crosslingual", *arguments])
     with one_thread():
         runpy.run_module("examples.crosslingual", run_name="__main__")
@@ -90,3 +90,20 @@ def test_real_data_files_and_a_model_path_run_the_same_loop(tmp_path, capsys, mo
     assert list(result["pretrained"]["mlm_loss"]) == ["en"]
     assert list(result["pretrained"]["xsr_p1"]) == ["de"]
     assert [len(run["memory_batch_deltas"]) for run in result["runs"]] == [2, 2]
+
+
+def test_only_a_full_run_may_write_the_docs_results(monkeypatch, capsys):
+    """Regression (issue 14): ``--quick`` overwrote docs/crosslingual.json with one seed."""
+    for partial in (["--quick"], ["--seeds", "0"], ["--steps", "5"], ["--methods", "naive"]):
+        monkeypatch.setattr(sys, "argv", ["examples.crosslingual", "--docs", *partial])
+        with pytest.raises(SystemExit):
+            runpy.run_module("examples.crosslingual", run_name="__main__")
+        assert "--docs regenerates the documentation's full run" in capsys.readouterr().err
+
+
+def test_the_default_output_is_not_the_docs(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["examples.crosslingual", "--help"])
+    with pytest.raises(SystemExit):
+        runpy.run_module("examples.crosslingual", run_name="__main__")
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "(default: results/crosslingual)" in shown and "(default: 0.0005)" in shown

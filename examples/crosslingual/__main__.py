@@ -8,6 +8,10 @@ zero-shot on languages ``b``, ``c`` and ``d``, on the masked-LM loss of held-out
 
     python -m examples.crosslingual                 # the full run (minutes on 2 cores)
     python -m examples.crosslingual --quick         # a smoke run (one seed, few steps)
+    python -m examples.crosslingual --docs          # the full run, into docs/ (on purpose)
+
+Results go to ``--out`` (``results/crosslingual/``: ``crosslingual.json`` and
+``crosslingual.png``); ``--docs`` writes the documentation's copies instead.
 
 With real data (any transformers checkpoint with an MLM head, e.g. mBERT):
 
@@ -42,6 +46,10 @@ from gradsurgery.objectives import share_encoder
 HERE = Path(__file__).resolve().parent
 SHIPPED = HERE / "tiny-mbert"
 ROOT = HERE.parent.parent
+DOCS_JSON, DOCS_PLOT = (
+    ROOT / "docs" / "crosslingual.json",
+    ROOT / "docs" / "img" / "crosslingual.png",
+)
 FULL = {"train": 400, "test": 200, "memory": 1000, "eval": 100, "pairs": 300}
 QUICK = {"train": 64, "test": 48, "memory": 64, "eval": 48, "pairs": 32}
 
@@ -101,19 +109,44 @@ def run(
     }
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default, except where the help text says it (``None`` and flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=_Help)
     parser.add_argument("--quick", action="store_true", help="one seed, 20 steps, small sets")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2 (quick: 0)")
-    parser.add_argument("--steps", type=int, help=f"default {Hyper.steps} (quick: 20)")
-    parser.add_argument("--lr", type=float, default=Hyper.lr)
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="rows to run"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
+    parser.add_argument("--steps", type=int, help=f"default: {Hyper.steps} (--quick: 20)")
+    parser.add_argument("--lr", type=float, default=Hyper.lr, help="learning rate")
     parser.add_argument("--margin", type=float, default=Hyper.margin, help="GEM's margin")
-    parser.add_argument("--memory-batch", type=int, default=Hyper.memory_batch)
-    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default=Hyper.optimizer)
+    parser.add_argument(
+        "--memory-batch", type=int, default=Hyper.memory_batch, help="memory batch size"
+    )
+    parser.add_argument(
+        "--optimizer", choices=("adamw", "sgd"), default=Hyper.optimizer, help="inner optimizer"
+    )
     parser.add_argument("--alpha", type=float, default=Hyper.alpha, help="weight of L_align")
-    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "crosslingual.json")
-    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "crosslingual.png")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results") / "crosslingual",
+        help="directory for crosslingual.json and crosslingual.png",
+    )
+    parser.add_argument(
+        "--docs",
+        action="store_true",
+        help=f"write {DOCS_JSON.relative_to(ROOT)} and {DOCS_PLOT.relative_to(ROOT)} instead "
+        "(the documentation's results: a full run only)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     real = parser.add_argument_group("real data (all of them, or none)")
     real.add_argument("--model", help="a transformers checkpoint with an MLM head")
@@ -121,7 +154,14 @@ def parse() -> argparse.Namespace:
     real.add_argument("--test", action="append", default=[], metavar="LANG=FILE.conllu")
     real.add_argument("--memory", metavar="FILE", help="memory text, one sentence per line")
     real.add_argument("--parallel", action="append", default=[], metavar="LANG=SRC,TGT[,ALIGN]")
-    return parser.parse_args()
+    args = parser.parse_args()
+    partial = args.quick or args.seeds or args.steps or args.methods != list(METHODS)
+    if args.docs and (partial or args.model or args.train):
+        parser.error(
+            "--docs regenerates the documentation's full run on the shipped model: "
+            "drop --quick, --seeds, --steps, --methods and the real-data options"
+        )
+    return args
 
 
 def main() -> None:
@@ -167,10 +207,14 @@ def main() -> None:
     print(table(result["summary"], result["pretrained"], bundle.source))
     print("\n* also a source language of the multi-source rows")
     print(f"wall time {result['wall_seconds']:.0f} s, CPU time {result['cpu_seconds']:.0f} s")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
-    plot(result["summary"], result["pretrained"], bundle.source, args.plot)
-    print(f"wrote {args.json} and {args.plot}")
+    if args.docs:
+        json_path, plot_path = DOCS_JSON, DOCS_PLOT
+    else:
+        json_path, plot_path = args.out / "crosslingual.json", args.out / "crosslingual.png"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1))
+    plot(result["summary"], result["pretrained"], bundle.source, plot_path)
+    print(f"wrote {json_path} and {plot_path}")
 
 
 if __name__ == "__main__":

@@ -94,28 +94,42 @@ def plot(summary: Summary, pretrained: dict[str, Any], source: str, path: Path) 
             100 * sum(pretrained["xsr_p1"].values()) / len(pretrained["xsr_p1"]),
         ),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex=True)
+    from matplotlib.lines import Line2D
+
+    groups = {"naive": "tab:red", "gem": "tab:blue", "other": "tab:grey"}
+
+    def colour(method: str) -> str:
+        return groups["naive" if method == "naive" else "gem" if "gem" in method else "other"]
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), sharex=True)
     for ax, (key, title, scale, line) in zip(axes.flat, panels, strict=True):
         means = [summary[m][key][0] * scale for m in methods]
         stds = [summary[m][key][1] * scale for m in methods]
-        colours = [
-            "tab:red" if m == "naive" else "tab:blue" if "gem" in m else "tab:grey" for m in methods
-        ]
-        ax.bar(range(len(methods)), means, yerr=stds, color=colours, capsize=3)
+        # Points, not bars: the axis is zoomed on the differences and does not start at 0.
+        for i, (method, mean, std) in enumerate(zip(methods, means, stds, strict=True)):
+            ax.errorbar(i, mean, yerr=std, fmt="o", color=colour(method), capsize=3)
         low, high = min(means) - max(stds), max(means) + max(stds)
         if line is not None:
-            ax.axhline(line, color="black", linestyle="--", linewidth=1, label="pre-trained")
-            ax.legend(loc="best", fontsize=8)
+            ax.axhline(line, color="black", linestyle="--", linewidth=1)
             low, high = min(low, line), max(high, line)
         margin = 0.15 * (high - low) or 1.0
         low, high = low - margin, high + margin
         if scale == 100.0:
             low, high = max(low, 0.0), min(high, 100.0)
         ax.set_ylim(low, high)
-        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", linewidth=0.5, alpha=0.5)
+        ax.set_title(title + " (axis zoomed)", fontsize=10)
     for ax in axes[1]:
         ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
-    fig.tight_layout()
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=groups["naive"], label="naive fine-tuning"),
+        Line2D([], [], marker="o", linestyle="", color=groups["gem"], label="GEM / A-GEM rows"),
+        Line2D([], [], marker="o", linestyle="", color=groups["other"], label="other methods"),
+        Line2D([], [], color="black", linestyle="--", label="pre-trained model"),
+    ]
+    fig.legend(handles=handles, loc="upper center", ncol=4, fontsize=9, frameon=False)
+    fig.text(0.5, 0.005, "mean ± std over the seeds", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.02, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -8,7 +8,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
-from transformers import BertForTokenClassification, DataCollatorForLanguageModeling
+from transformers import (
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    DataCollatorForLanguageModeling,
+)
 
 from gradsurgery import GEMProjector, ParetoLessForgetting
 from gradsurgery.data import (
@@ -348,6 +353,37 @@ def test_masked_lm_needs_a_head_on_the_models_encoder(tmp_path: Path) -> None:
     assert torch.equal(MaskedLM(head=mlm)(task, batch), MaskedLM()(mlm, batch))
     with pytest.raises(ValueError, match="does not share the encoder"):
         MaskedLM(head=mlm)(other, batch)
+
+
+def test_a_sequence_classification_model_shares_its_encoder_with_an_mlm_model(
+    tmp_path: Path,
+) -> None:
+    """Regression (issue 14): its encoder's pooler made share_encoder refuse the pair."""
+    tok = tokenizer(tmp_path)
+    torch.manual_seed(0)
+    task = BertForSequenceClassification(config(len(tok)))
+    mlm = share_encoder(BertForMaskedLM(config(len(tok))), task)
+    assert mlm.bert is task.bert and task.bert.pooler is not None
+    assert mlm.get_output_embeddings().weight is task.bert.embeddings.word_embeddings.weight
+    batch = DataCollatorForLanguageModeling(tok, seed=0)(text_examples(tok, ["the dog"]))
+    opt = GEMProjector(torch.optim.SGD(task.parameters(), lr=0.1), constraints=["mlm"])
+    task(input_ids=batch["input_ids"], labels=torch.tensor([1])).loss.backward()
+    with opt.constraint("mlm"):
+        MaskedLM(head=mlm)(task, batch).backward()
+    opt.step()
+    assert opt.last_stats is not None and math.isfinite(opt.last_stats.to_dict()["gem/grad_norm"])
+    with pytest.raises(ValueError, match=r"BertModel has pooler\.dense\.weight, which"):
+        share_encoder(
+            BertForSequenceClassification(config(len(tok))), BertForMaskedLM(config(len(tok)))
+        )
+
+
+def test_encoders_that_truly_differ_are_named_precisely(tmp_path: Path) -> None:
+    task = BertForTokenClassification(config(40))
+    with pytest.raises(ValueError, match=r"word_embeddings\.weight is \(30, 16\) in .* \(40, 16\)"):
+        share_encoder(BertForMaskedLM(config(30)), task)
+    with pytest.raises(ValueError, match="has a BertModel, Linear a Linear"):
+        share_encoder(BertForMaskedLM(config(30)), nn.Linear(2, 2))
 
 
 @given(

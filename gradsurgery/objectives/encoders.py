@@ -57,15 +57,20 @@ def share_encoder(head_model: M, encoder_model: nn.Module) -> M:
     model's own. The output embeddings are tied again to the shared input embeddings when
     the model ties them (``config.tie_word_embeddings``).
 
+    The shared encoder may have parameters that ``head_model``'s own encoder lacks: a
+    sequence-classification model's encoder has a pooler, which an MLM model does not use
+    (the MLM loss leaves the pooler without gradient; it is computed and ignored).
+
     .. code-block:: python
 
-        task = AutoModelForTokenClassification.from_pretrained(name, num_labels=17)
+        task = AutoModelForSequenceClassification.from_pretrained(name, num_labels=3)
         mlm = share_encoder(AutoModelForMaskedLM.from_pretrained(name), task)
         params = list(dict.fromkeys([*task.parameters(), *mlm.parameters()]))
 
     Raises:
-        ValueError: ``head_model`` has no base model (``base_model_prefix``), or the two
-            encoders differ in type or parameter shapes.
+        ValueError: ``head_model`` has no base model (``base_model_prefix``), the two
+            encoders are of different types, or ``encoder_model``'s lacks a parameter of
+            ``head_model``'s or has it with another shape (the message names it).
     """
     prefix = getattr(head_model, "base_model_prefix", "")
     own = getattr(head_model, prefix, None) if prefix else None
@@ -75,12 +80,26 @@ def share_encoder(head_model: M, encoder_model: nn.Module) -> M:
             "model with a head (e.g. BertForMaskedLM)"
         )
     shared = encoder_of(encoder_model)
-    shapes = [p.shape for p in own.parameters()]
-    if type(shared) is not type(own) or shapes != [p.shape for p in shared.parameters()]:
+    head_name, encoder_name = type(head_model).__name__, type(encoder_model).__name__
+    if type(shared) is not type(own):
         raise ValueError(
-            f"the encoders differ: {type(head_model).__name__} has a {type(own).__name__}, "
-            f"{type(encoder_model).__name__} a {type(shared).__name__} (or other shapes)"
+            f"the encoders differ: {head_name} has a {type(own).__name__}, {encoder_name} a "
+            f"{type(shared).__name__}; share an encoder between models of one architecture"
         )
+    available = dict(shared.named_parameters())
+    for name, param in own.named_parameters():
+        other = available.get(name)
+        if other is None:
+            raise ValueError(
+                f"the encoders differ: {head_name}'s {type(own).__name__} has {name}, which "
+                f"{encoder_name}'s lacks (e.g. a pooler: build {encoder_name} with it, or "
+                f"share the encoder the other way round)"
+            )
+        if other.shape != param.shape:
+            raise ValueError(
+                f"the encoders differ: {name} is {tuple(param.shape)} in {head_name} and "
+                f"{tuple(other.shape)} in {encoder_name}; were they built from one config?"
+            )
     setattr(head_model, prefix, shared)
     tie_weights = getattr(head_model, "tie_weights", None)
     if callable(tie_weights):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradsurgery.bench import main, timing
+from gradsurgery.bench import main, report, timing
 from gradsurgery.bench.workload import PRESETS, bert_like_params, parse_size
 
 TINY = ["--device", "cpu", "--params", "2e4", "--repeat", "2", "--warmup", "0", "--quiet"]
@@ -103,3 +103,64 @@ def test_clock_choices_are_checked():
     if torch.get_num_threads() > 1:
         with pytest.raises(ValueError, match="one torch thread"):
             timing.use_clock("thread")
+
+
+def test_the_profiler_prints_nothing_between_the_bar_and_the_tables(capfd):
+    """Regression (issue 14): USDT and gpuGetDeviceCount lines from the profiler's C++ side."""
+    main([*TINY, "--t", "2", "--methods", "gem", "--no-peers"])
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "gpuGetDeviceCount" not in err
+
+
+def clean_entry(median: float = 1e-3) -> dict:
+    def times(m: float) -> dict:
+        return {"median_s": m, "q1_s": 0.95 * m, "q3_s": 1.05 * m}
+
+    return {
+        "total": times(median),
+        **{part: times(median / 4) for part in ("gram", "solve", "apply")},
+        "ratio_to_floor": 3.0,
+    }
+
+
+def bench_doc(load: float, clock: str = "wall", **entry: dict) -> dict:
+    machine = {"load_average": load, "cores": 2}
+    return {
+        "runs": [{"machine": machine, "settings": {"clock": clock}}],
+        "results": [{"size": "2e4", "dtype": "fp32", "t": 2, "methods": entry}],
+    }
+
+
+def test_a_measurement_that_contradicts_itself_is_warned_about():
+    assert report.problems(bench_doc(1.0, gem=clean_entry())) == []
+    noisy = clean_entry()
+    noisy["total"] = {"median_s": 1e-3, "q1_s": 0.2e-3, "q3_s": 5.12e-3}  # as reported
+    slow_part = clean_entry()
+    slow_part["solve"]["median_s"] = 2e-3  # a part slower than the whole
+    below = {**clean_entry(), "ratio_to_floor": 0.4}
+    found = report.problems(bench_doc(6.5, gem=noisy, mgda=slow_part, pcgrad=below))
+    assert len(found) == 4
+    assert "load average was 6.5 on 2 cores" in found[0] and "--clock thread" in found[0]
+    assert "gem 2e4 fp32 t=2: spread ±246 %" in found[1]
+    assert "mgda 2e4 fp32 t=2: its solve (2.00 ms) took longer than the whole" in found[2]
+    assert "pcgrad 2e4 fp32 t=2: 0.40× the floor" in found[3]
+    # the thread clock does not count waiting for a core: a busy machine is no problem then
+    assert report.problems(bench_doc(6.5, "thread", gem=clean_entry())) == []
+
+
+def test_the_printed_tables_start_with_the_warnings(capsys):
+    doc = main([*TINY, "--t", "2", "--methods", "gem", "--no-peers"])
+    printed = capsys.readouterr().out
+    found = report.problems(doc)
+    assert ("not a valid measurement" in printed) == bool(found)
+    for problem in found:
+        assert problem in printed
+
+
+def test_help_shows_the_defaults_and_what_render_does(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "timed samples per figure (default: 5)" in shown
+    assert "--clock {wall,thread}" in shown and "(default: wall)" in shown
+    assert "--render JSON [JSON ...] measure nothing: merge the OUT.json of earlier runs" in shown

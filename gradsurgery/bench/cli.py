@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import platform
 import sys
 import time
@@ -42,6 +43,20 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _load() -> float | None:
+    """The load average over the last minute (None where the system does not tell)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _cores() -> int:
+    """The CPU cores this process may run on."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What the figures were measured on, and with which versions."""
     threads = torch.get_num_threads()
@@ -61,6 +76,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "gradsurgery": gradsurgery.__version__,
         "threads": threads,
+        "cores": _cores(),
         "peers": {pkg: _version(pkg) for pkg in ("torchjd", "quadprog", "numpy")},
     }
 
@@ -96,9 +112,20 @@ def _progress(total: int, quiet: bool) -> tuple[Callable[[str], None], Callable[
     return tqdm_tick, close
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default, except where the help text says it (``None`` and flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m gradsurgery.bench", description=(__doc__ or "").splitlines()[0]
+        prog="python -m gradsurgery.bench",
+        description=(__doc__ or "").splitlines()[0],
+        formatter_class=_Help,
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
     parser.add_argument(
@@ -107,15 +134,21 @@ def _parser() -> argparse.ArgumentParser:
         default=["1e6"],
         help=f"parameter counts: numbers or presets {', '.join(PRESETS)}",
     )
-    parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES))
+    parser.add_argument(
+        "--dtype", nargs="+", default=["fp32"], choices=list(DTYPES), help="gradient dtypes"
+    )
     parser.add_argument(
         "--t", nargs="+", type=int, default=[1, 2, 4, 8], help="constraints (GEM) or objectives"
     )
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS), help="wrappers"
+    )
     parser.add_argument("--no-peers", action="store_true", help="skip published GEM, TorchJD, …")
     parser.add_argument("--repeat", type=int, default=5, help="timed samples per figure")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before them")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
     parser.add_argument(
         "--validate",
         choices=["on", "off", "auto"],
@@ -123,7 +156,10 @@ def _parser() -> argparse.ArgumentParser:
         help="the wrappers' validate= (auto: on for the CPU, off for accelerators)",
     )
     parser.add_argument(
-        "--max-bytes", type=float, default=None, help="skip what needs more (default: 3/4 free)"
+        "--max-bytes",
+        type=float,
+        default=None,
+        help="skip what needs more memory (default: 3/4 of what is free)",
     )
     parser.add_argument(
         "--clock",
@@ -133,8 +169,21 @@ def _parser() -> argparse.ArgumentParser:
         "shared machine)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--render", nargs="+", type=Path, default=None, metavar="JSON")
-    parser.add_argument("--out", type=Path, default=None, help="write OUT.json, OUT.md, OUT.png")
+    parser.add_argument(
+        "--render",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="measure nothing: merge the OUT.json of earlier runs (other machines, dtypes, "
+        "sizes) into one report, printed and, with --out, written as OUT.json/.md/.png",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write OUT.json, OUT.md, OUT.png (default: only print the tables)",
+    )
     return parser
 
 
@@ -180,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     methods = list(dict.fromkeys(args.methods))
     configs = [(s, d, t) for s in sizes for d in args.dtype for t in args.t]
+    load = _load()
     tick, close = _progress(len(configs) * len(methods), args.quiet)
     results, phased_done = [], set()
     for (size, p), dtype, t in configs:
@@ -190,7 +240,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         record = run_config(size, p, dtype, t, run_methods, settings, tick)
         results.append({"run": 0, **record})
     close()
-    run = {"machine": machine_info(device), "settings": {**vars(args), "validate": validate}}
+    machine = machine_info(device)
+    loads = [value for value in (load, _load()) if value is not None]
+    machine["load_average"] = max(loads) if loads else None
+    run = {"machine": machine, "settings": {**vars(args), "validate": validate}}
     run["settings"] = {k: v for k, v in run["settings"].items() if k not in ("render", "out")}
     doc = {"schema": 1, "runs": [run], "results": results}
     _write(doc, args.out)

@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown", "merge", "plot", "write"]
+__all__ = ["markdown", "merge", "plot", "problems", "write"]
+
+WIDE_SPREAD = 0.5
+"""A figure whose interquartile range exceeds this fraction of its median (±25 %) is noise."""
 
 
 def write(results: object, table: str, out: Path | None) -> None:
@@ -45,11 +48,70 @@ def _machines(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def problems(doc: dict[str, Any]) -> list[str]:
+    """Why the figures of ``doc`` cannot be trusted as they stand (none: an empty list).
+
+    A machine loaded above its cores (timed by the wall clock), a median whose interquartile
+    range exceeds :data:`WIDE_SPREAD` of it, a part (Gram, solve, apply) slower than the
+    whole surgery's upper quartile, a surgery faster than the memory-bandwidth floor: each
+    means the clock measured the machine's other work, not the surgery.
+    """
+    found = []
+    for i, run in enumerate(doc["runs"]):
+        machine, wall = run["machine"], run["settings"].get("clock", "wall") == "wall"
+        load, cores = machine.get("load_average"), machine.get("cores")
+        if wall and load is not None and cores is not None and load > cores:
+            found.append(
+                f"run {i}: the load average was {load:.1f} on {cores} cores: other work "
+                "competed for them (on a shared CPU use --threads 1 --clock thread)"
+            )
+    for r in doc["results"]:
+        where = f"{r['size']} {r['dtype']} t={r['t']}"
+        for method, e in r["methods"].items():
+            if "ratio_to_floor" not in e:
+                continue
+            total = e["total"]
+            spread = (total["q3_s"] - total["q1_s"]) / total["median_s"]
+            if spread > WIDE_SPREAD:
+                found.append(
+                    f"{method} {where}: spread {_spread(total)} of the median (more --repeat, "
+                    "or a quieter machine)"
+                )
+            for part in ("gram", "solve", "apply"):
+                if e[part]["median_s"] > total["q3_s"]:
+                    found.append(
+                        f"{method} {where}: its {part} ({_ms(e[part]['median_s'])}) took "
+                        f"longer than the whole surgery ({_ms(total['median_s'])}, upper "
+                        f"quartile {_ms(total['q3_s'])})"
+                    )
+            if e["ratio_to_floor"] < 1:
+                found.append(
+                    f"{method} {where}: {e['ratio_to_floor']:.2f}× the floor, faster than "
+                    "reading its gradients once allows: the floor's samples were slowed down"
+                )
+    return found
+
+
 def markdown(doc: dict[str, Any]) -> str:
-    """Tables of every configuration: the library's surgeries, PhasedLR, and the peers."""
+    """Tables of every configuration: the library's surgeries, PhasedLR, and the peers.
+
+    What :func:`problems` finds comes first, as warnings.
+    """
     results = doc["results"]
+    found = problems(doc)
+    warning = (
+        [
+            "",
+            "**Warning: these figures are not a valid measurement as they stand:**",
+            "",
+            *(f"- {problem}" for problem in found),
+        ]
+        if found
+        else []
+    )
     lines = [
         *_machines(doc),
+        *warning,
         "",
         "Surgery per step: median (interquartile spread), its ratio to the floor, and the "
         "same work in parts; host syncs per step with validate=False; extra memory kept / "
@@ -144,6 +206,9 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4.2 * rows), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
+    names = sorted({name for lines in panels.values() for name in lines if "floor" not in name})
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colours = {name: palette(i % palette.N) for i, name in enumerate(names)}
     for ax, ((dtype, t), lines) in zip(axes.flat, sorted(panels.items()), strict=False):
         floors = {k: v for k, v in lines.items() if k.startswith("floor")}
         floor = max(floors.items(), key=lambda item: max(s for _, s in item[1]))[1]
@@ -152,12 +217,15 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
                 continue
             xs, ys = zip(*sorted(points), strict=True)
             style = "--" if " " in name else "-"
-            ax.plot(xs, ys, style, marker="o", label=name)
+            ax.plot(xs, ys, style, marker="o", color=colours[name], label=name)
         xs, ys = zip(*sorted(floor), strict=True)
-        ax.plot(xs, ys, ":", color="black", linewidth=2, label="floor (largest)")
         ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="seconds per step")
+        bottom = min(ax.get_ylim()[0], min(ys) / 3)
+        ax.fill_between(xs, bottom, ys, color="0.85", zorder=0, label="below the floor")
+        ax.plot(xs, ys, ":", color="black", linewidth=2, label="floor (largest)")
+        ax.set_ylim(bottom=bottom)
         ax.set_title(f"{dtype}, t = {t}")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -8,7 +8,9 @@ launch latency of the host beyond what the call itself waits for.
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -137,9 +139,31 @@ def transient_bytes(fn: Step, device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _native_stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         fn()
     return max((int(e.cpu_memory_usage) for e in prof.events()), default=0)
+
+
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send what native code writes to the standard error to /dev/null meanwhile.
+
+    The profiler's C++ side prints ``USDT: ... profiler_start`` lines and, on a machine
+    without a GPU, ``gpuGetDeviceCount failed`` errors: noise in the middle of the
+    benchmark's progress bar, about nothing the user can act on.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class _Counter(TorchDispatchMode):

@@ -3,6 +3,7 @@
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -112,8 +113,8 @@ def test_the_profiler_prints_nothing_between_the_bar_and_the_tables(capfd):
     assert "USDT" not in err and "gpuGetDeviceCount" not in err
 
 
-def clean_entry(median: float = 1e-3) -> dict:
-    def times(m: float) -> dict:
+def clean_entry(median: float = 1e-3) -> dict[str, Any]:
+    def times(m: float) -> dict[str, float]:
         return {"median_s": m, "q1_s": 0.95 * m, "q3_s": 1.05 * m}
 
     return {
@@ -123,7 +124,7 @@ def clean_entry(median: float = 1e-3) -> dict:
     }
 
 
-def bench_doc(load: float, clock: str = "wall", **entry: dict) -> dict:
+def bench_doc(load: float, clock: str = "wall", **entry: dict[str, Any]) -> dict[str, Any]:
     machine = {"load_average": load, "cores": 2}
     return {
         "runs": [{"machine": machine, "settings": {"clock": clock}}],

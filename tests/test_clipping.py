@@ -233,3 +233,16 @@ def test_a_bad_max_grad_norm_says_what_is_allowed(value, error):
 def test_repr_shows_max_grad_norm():
     assert "max_grad_norm=1.0" in repr(WRAPPERS["gem"](mlp().parameters(), max_grad_norm=1))
     assert "max_grad_norm" not in repr(WRAPPERS["gem"](mlp().parameters()))
+
+
+def test_lfmlf_accumulates_the_direction_before_clipping():
+    net, ref = mlp(dtype=torch.float64), mlp(dtype=torch.float64)
+    opt = WRAPPERS["lfmlf"](net.parameters(), max_grad_norm=1e-4)
+    ref_opt = WRAPPERS["lfmlf"](ref.parameters())
+    for model, optimizer in ((net, opt), (ref, ref_opt)):
+        optimizer.zero_grad()
+        fill(optimizer, model, 0)
+        optimizer.apply_surgery()
+    assert float(flat(net).norm()) <= 1e-4 * (1 + 1e-12) < float(flat(ref).norm())
+    opt.step()
+    torch.testing.assert_close(opt.accumulated(), flat(ref), rtol=1e-12, atol=0)

@@ -67,3 +67,13 @@ def test_the_slow_marker_says_what_pytest_does():
     (slow,) = re.findall(r'^\s*"slow: (.*)",$', pyproject, re.M)
     assert "runs by default" in slow and "-m 'not slow'" in slow
     assert 'python -m pytest -m "not slow"' in (ROOT / "docs" / "getting_started.md").read_text()
+
+
+def test_the_cpu_install_is_next_to_the_two_commands():
+    """Regression (issue 14): a bare install pulls the multi-GB CUDA build on a CPU machine."""
+    cpu = "python -m pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    setup = re.search(r"## Set up and run(.*?)\n## ", (ROOT / "README.md").read_text(), re.S)
+    started = (ROOT / "docs" / "getting_started.md").read_text()
+    install = re.search(r"## Install(.*?)\n## ", started, re.S)
+    assert setup is not None and install is not None
+    assert cpu in setup.group(1) and cpu in install.group(1)

@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from transformers import Trainer
 
+from gradsurgery.distributed import Distributed
+from gradsurgery.integrations import processes
 from gradsurgery.integrations.sources import (
     BatchStream,
     LossFn,
@@ -153,6 +155,7 @@ class SurgeryTrainer(Trainer):
         self._micro_batch = 0
         self._window_loss: Tensor | None = None
         self._surgery_stats: StepStats | None = None
+        self._layout: Distributed | None = None
 
     # -- the optimizer ---------------------------------------------------------------------
 
@@ -165,12 +168,7 @@ class SurgeryTrainer(Trainer):
                 surgery that is not outermost under fp16, or a distributed set-up (several
                 processes, DeepSpeed, FSDP); the Trainer is left without an optimizer.
         """
-        if self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(
-                "SurgeryTrainer runs in a single process without DeepSpeed or FSDP (it does "
-                "not yet route the rows through distributed=Replicated()/Sharded()); for "
-                "several processes write the loop as in docs/distributed.md"
-            )
+        chosen = processes.layout(self.accelerator)
         fresh = self.optimizer is None
         optimizer: Optimizer = super().create_optimizer(model)
         if fresh and self.wrap is not None:
@@ -200,7 +198,10 @@ class SurgeryTrainer(Trainer):
                     "surgery has already unscaled"
                 )
             stack.surgery.grad_scaler = scaler
+        if chosen is not None and stack.surgery is not None:
+            processes.adopt(stack.surgery, chosen)
         self.optimizer, self.wrappers = optimizer, stack
+        self._layout = chosen
         self._window_step = None
         return optimizer
 
@@ -217,6 +218,10 @@ class SurgeryTrainer(Trainer):
             return nullcontext()
         route: Callable[[str], AbstractContextManager[None]] = getattr(surgery, surgery.row_kind)
         return route(name)
+
+    def _local(self, model: nn.Module, name: str | None) -> AbstractContextManager[Any]:
+        """Keep DDP out of a routed backward pass: the wrapper averages its row itself."""
+        return nullcontext() if name is None else processes.local_backward(model)
 
     def _stack(self) -> WrapperStack:
         if self.wrappers is None:
@@ -246,20 +251,22 @@ class SurgeryTrainer(Trainer):
         if self.compute_objectives is not None:
             loss = self._objectives_step(self.compute_objectives, model, inputs, stack.own)
         else:
-            with self._route(stack.own[0] if stack.own else None):
+            own = stack.own[0] if stack.own else None
+            with self._route(own), self._local(model, own):
                 loss = super().training_step(model, inputs, num_items_in_batch)
         position = step * self.args.gradient_accumulation_steps + self._micro_batch
         for name in stack.fed:
             batch = send_to_device(self._draws[name].at(position), self.args.device)
-            with self.compute_loss_context_manager():
-                extra = _checked_loss(self.sources[name].loss(model, batch), f"source {name!r}")
-            with self._route(name):
-                self.accelerator.backward(extra / self.current_gradient_accumulation_steps)
+            with self._local(model, name):  # forward and backward: DDP must not prepare
+                with self.compute_loss_context_manager():
+                    extra = _checked_loss(self.sources[name].loss(model, batch), f"source {name!r}")
+                with self._route(name):
+                    self.accelerator.backward(extra / self.current_gradient_accumulation_steps)
         self._micro_batch += 1
         self._window_loss = loss if self._window_loss is None else self._window_loss + loss
         if self.accelerator.sync_gradients:
             if stack.phased is not None:
-                stack.phased.observe(self._window_loss)
+                stack.phased.observe(processes.mean_over_ranks(self._window_loss, self._layout))
             if stack.surgery is not None:
                 self._surgery_stats = stack.surgery.apply_surgery()
         return loss
@@ -278,7 +285,7 @@ class SurgeryTrainer(Trainer):
         """
         model.train()
         inputs = self._prepare_inputs(inputs)
-        with self.compute_loss_context_manager():
+        with self.compute_loss_context_manager(), processes.local_backward(model):
             losses = compute_objectives(model, inputs)
         if not isinstance(losses, Mapping) or set(losses) != set(own):
             got = sorted(losses) if isinstance(losses, Mapping) else type(losses).__name__
@@ -305,20 +312,23 @@ class SurgeryTrainer(Trainer):
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         streams = self._streams()
-        if streams and self.args.should_save:
+        if streams:  # every rank draws its own batches: one file per rank
             states = {name: stream.state_dict() for name, stream in streams.items()}
-            torch.save(states, os.path.join(output_dir, SOURCES_NAME))
+            os.makedirs(output_dir, exist_ok=True)
+            name = processes.rank_file(SOURCES_NAME, self.accelerator)
+            torch.save(states, os.path.join(output_dir, name))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         streams = self._streams()
         if checkpoint is None or not streams:
             return
-        path = os.path.join(checkpoint, SOURCES_NAME)
+        name = processes.rank_file(SOURCES_NAME, self.accelerator)
+        path = os.path.join(checkpoint, name)
         if not os.path.isfile(path):
             raise ValueError(
-                f"{checkpoint} has no {SOURCES_NAME}: it was not saved by a SurgeryTrainer "
-                f"with the sources {sorted(streams)}"
+                f"{checkpoint} has no {name}: it was not saved by a SurgeryTrainer with the "
+                f"sources {sorted(streams)} and as many processes"
             )
         states = torch.load(path, weights_only=True)
         if set(states) != set(streams):

@@ -53,7 +53,7 @@ class Watch(TrainerCallback):
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model.register_comm_hook(None, self._hook)
 
-    def _hook(self, state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    def _hook(self, state: object, bucket: Any) -> torch.futures.Future[torch.Tensor]:
         buffer = bucket.buffer()
         self._pending += buffer.numel() * buffer.element_size()
         buffer.div_(dist.get_world_size())

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.trainer_ddp_run import STEPS, WRAPPERS, run
+from tests.trainer_ddp_run import OTHERS, STEPS, WRAPPERS, run
 from tests.trainer_setups import (  # noqa: F401 (no_full_collection: an autouse fixture)
     no_full_collection,
     parameters,
@@ -60,7 +60,8 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return run(tmp_path_factory.mktemp("one"), rank=0, world=1, faults=False)
+    one = tmp_path_factory.mktemp("one")
+    return run(one, rank=0, world=1, faults=False, names=WRAPPERS + OTHERS)
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -87,6 +88,22 @@ def test_both_ranks_take_the_one_process_step_on_the_union(
     # the surgery's statistics (from reduced rows) are the same on both ranks
     logs = [[entry for entry in rank[f"{tag}/logs"] if "loss" in entry] for rank in ranks]
     assert len(logs[0]) == STEPS and logs[0] == logs[1]
+
+
+@pytest.mark.parametrize("name", OTHERS)
+def test_every_other_wrapper_and_stack_takes_the_one_process_step(
+    ranks: list[dict[str, Any]], single: dict[str, Any], name: str
+) -> None:
+    tag = f"{name}/float32"
+    assert_same(ranks[0][tag], ranks[1][tag])  # PCGrad, GradVac: generators seeded by rank
+    assert max_difference(ranks[0][tag], single[tag]) < 1e-6
+    assert max_difference(ranks[0][tag], parameters(tiny_bert())) > 1e-4
+
+
+def test_a_wrapper_built_for_another_layout_is_refused(ranks: list[dict[str, Any]]) -> None:
+    for rank in ranks:
+        assert "built with distributed=Sharded(...)" in rank["clash"]
+        assert rank["clash_optimizer"]  # the Trainer is left without an optimizer
 
 
 @pytest.mark.parametrize("name", WRAPPERS)

@@ -19,9 +19,20 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from torch.optim import Optimizer
 from transformers import TrainerCallback
 
-from gradsurgery import GEMProjector, NonFiniteGradientError, ParetoLessForgetting, PCGrad
+from gradsurgery import (
+    MGDA,
+    GEMProjector,
+    GradVac,
+    NonFiniteGradientError,
+    ParetoLessForgetting,
+    PCGrad,
+    PhasedLR,
+    Uniform,
+)
+from gradsurgery.distributed import Sharded
 from gradsurgery.integrations.transformers import SurgeryTrainer
 from tests.trainer_setups import (
     LANGS,
@@ -35,7 +46,8 @@ from tests.trainer_setups import (
 
 UNION = 4  # examples per micro-batch, all ranks together
 STEPS, ACCUMULATION = 3, 2
-WRAPPERS = ("gem", "lfmlf", "pcgrad")
+WRAPPERS = ("gem", "lfmlf", "pcgrad")  # fp32 and fp64, resumed, NaN on one rank
+OTHERS = ("agem", "uniform", "gradvac", "mgda", "phased", "phased_gem")  # fp32 only
 ALL_REDUCE = dist.all_reduce  # DDP's hook below calls it uncounted
 
 
@@ -53,7 +65,11 @@ class Watch(TrainerCallback):
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model.register_comm_hook(None, self._hook)
 
-    def _hook(self, state: object, bucket: Any) -> torch.futures.Future[torch.Tensor]:
+    def _hook(
+        self,
+        state: object,
+        bucket: dist.GradBucket,  # type: ignore[name-defined]  # DDP checks this annotation
+    ) -> torch.futures.Future[torch.Tensor]:
         buffer = bucket.buffer()
         self._pending += buffer.numel() * buffer.element_size()
         buffer.div_(dist.get_world_size())
@@ -104,6 +120,30 @@ def poisoned(rank_to_poison: int, rank: int, after: int) -> Any:
     return loss
 
 
+PLAIN = {"lfmlf": ParetoLessForgetting, "uniform": Uniform, "mgda": MGDA}
+SEEDED = {"pcgrad": PCGrad, "gradvac": GradVac}
+
+
+def wrapper(name: str, model: nn.Module, generator: torch.Generator) -> Any:
+    """``wrap`` for the wrapper ``name``; ``generator`` differs by rank (PCGrad, GradVac)."""
+
+    def gem(inner: Optimizer, agem: bool = False) -> GEMProjector:
+        constraints = ["mlm", "xsr"]
+        if agem:
+            return GEMProjector(inner, margin=0.0, constraints=constraints, mode="agem")
+        return GEMProjector(inner, margin=0.0, constraints=constraints)
+
+    if name in ("gem", "agem"):
+        return lambda o: gem(o, name == "agem")
+    if name == "phased":
+        return lambda o: PhasedLR(o, model, window=1)
+    if name == "phased_gem":
+        return lambda o: PhasedLR(gem(o), model, window=1)
+    if name in PLAIN:
+        return lambda o: PLAIN[name](o, LANGS)
+    return lambda o: SEEDED[name](o, LANGS, generator=generator)
+
+
 def trainer(name: str, out: Path, rank: int, world: int, **settings: Any) -> SurgeryTrainer:
     """The SurgeryTrainer of ``name`` with each rank's share of the union's batches."""
     stream = settings.pop("stream", False)
@@ -114,16 +154,15 @@ def trainer(name: str, out: Path, rank: int, world: int, **settings: Any) -> Sur
         items = share(batches(3, seed=seed, size=UNION), rank, world)
         return Stream(items) if stream else items
 
-    if name == "gem":
-        wrap: Any = lambda o: GEMProjector(o, margin=0.0, constraints=["mlm", "xsr"])  # noqa: E731
-        sources = {"mlm": (source(7), loss), "xsr": (source(8), tagging_loss)}
-        objective = None
-    else:
-        kind = ParetoLessForgetting if name == "lfmlf" else PCGrad
-        wrap = lambda o: kind(o, LANGS)  # noqa: E731
-        sources = {"de": (source(1), loss), "fr": (source(2), tagging_loss)}
-        objective = "en"
     model = tiny_bert().to(dtype)
+    wrap = wrapper(name, model, torch.Generator().manual_seed(3 + rank))
+    if name in ("gem", "agem", "phased_gem"):
+        sources = {"mlm": (source(7), loss), "xsr": (source(8), tagging_loss)}
+    elif name == "phased":
+        sources = {}
+    else:
+        sources = {"de": (source(1), loss), "fr": (source(2), tagging_loss)}
+    objective = "en" if name in PLAIN or name in SEEDED else None
     options: dict[str, Any] = {
         "max_steps": STEPS,
         "per_device_train_batch_size": UNION // world,
@@ -176,7 +215,7 @@ def run(
     """The scenarios of ``names`` (without ``faults``: no resume, no NaN) for the tests."""
     results: dict[str, Any] = {}
     for name in names:
-        for dtype in (torch.float32, torch.float64):
+        for dtype in (torch.float32, torch.float64) if name in WRAPPERS else (torch.float32,):
             tag = f"{name}/{str(dtype)[6:]}"
             log: list[int] = []
             one = trainer(name, out / tag, rank, world, dtype=dtype)
@@ -186,7 +225,7 @@ def run(
             results[f"{tag}/all_reduce_bytes"] = log
             results[f"{tag}/ddp_bytes"] = watch(one).ddp_bytes
             results[f"{tag}/logs"] = one.state.log_history
-        if not faults:
+        if not faults or name not in WRAPPERS:
             continue
         settings: dict[str, Any] = {
             "max_steps": 4,
@@ -210,6 +249,15 @@ def run(
         results[f"{name}/nan_step"] = nan.state.global_step
         results[f"{name}/nan_parameters"] = parameters(nan.model)
         results[f"{name}/nan_after_first_step"] = watch(nan).after[0]
+    if world > 1 and faults:
+        clash = trainer("gem", out / "clash", rank, world)
+        clash.wrap = lambda o: GEMProjector(o, constraints=["mlm", "xsr"], distributed=Sharded())
+        try:
+            clash.create_optimizer()
+            results["clash"] = "accepted"
+        except ValueError as error:
+            results["clash"] = str(error)
+        results["clash_optimizer"] = clash.optimizer is None
     return results
 
 
@@ -219,6 +267,7 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     chosen = tuple(sys.argv[2:])  # a few wrappers, without faults (the accelerate launch)
-    outcome = run(target / "runs", rank, world, faults=not chosen, names=chosen or WRAPPERS)
+    names = chosen or WRAPPERS + OTHERS
+    outcome = run(target / "runs", rank, world, faults=not chosen, names=names)
     torch.save(outcome, target / f"rank{rank}.pt")
     dist.destroy_process_group()

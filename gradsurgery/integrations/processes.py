@@ -29,28 +29,34 @@ from gradsurgery.wrappers import SurgeryOptimizer
 __all__ = ["adopt", "layout", "local_backward", "mean_over_ranks", "rank_file"]
 
 
-def layout(accelerator: Accelerator) -> Distributed | None:
+def layout(accelerator: Accelerator, *, deepspeed: bool, fsdp: bool) -> Distributed | None:
     """The ``distributed=`` layout of the Trainer's set-up: ``None`` or ``Replicated()``.
+
+    ``deepspeed`` and ``fsdp`` are the Trainer's own flags (``is_deepspeed_enabled``,
+    ``is_fsdp_enabled``).
 
     Raises:
         ValueError: DeepSpeed, FSDP, or another engine than DDP across several processes.
     """
     kind = accelerator.distributed_type
-    if kind == DistributedType.NO or (
-        accelerator.num_processes == 1 and kind != DistributedType.DEEPSPEED
-    ):
-        return None
-    if kind == DistributedType.FSDP:
+    if deepspeed or kind == DistributedType.DEEPSPEED:
         raise ValueError(
-            "SurgeryTrainer does not run under the Trainer's FSDP: its gradient accumulation "
-            "defers FSDP's reduce-scatter into one unsharded buffer that no row can own; use "
-            "DDP (torchrun/accelerate launch without FSDP), or FSDP2 in your own loop with "
-            "distributed=Sharded() (docs/distributed.md)"
+            "SurgeryTrainer does not run under DeepSpeed: its engine owns the gradients and "
+            "steps them itself; use DDP (torchrun, accelerate launch without DeepSpeed)"
         )
+    if fsdp or kind == DistributedType.FSDP:
+        raise ValueError(
+            "SurgeryTrainer does not run under the Trainer's FSDP: under gradient "
+            "accumulation FSDP defers its reduce-scatter into one unsharded buffer that no "
+            "row can own; use DDP (torchrun, accelerate launch without FSDP), or FSDP2 in "
+            "your own loop with distributed=Sharded() (docs/distributed.md)"
+        )
+    if kind == DistributedType.NO or accelerator.num_processes == 1:
+        return None
     if kind.name.startswith("MULTI_"):
         return Replicated()
     raise ValueError(
-        f"SurgeryTrainer runs in one process or under DDP (torchrun, accelerate launch), "
+        "SurgeryTrainer runs in one process or under DDP (torchrun, accelerate launch), "
         f"not under {kind.value}"
     )
 

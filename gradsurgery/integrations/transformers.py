@@ -168,7 +168,9 @@ class SurgeryTrainer(Trainer):
                 surgery that is not outermost under fp16, or a distributed set-up (several
                 processes, DeepSpeed, FSDP); the Trainer is left without an optimizer.
         """
-        chosen = processes.layout(self.accelerator)
+        chosen = processes.layout(
+            self.accelerator, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled
+        )
         fresh = self.optimizer is None
         optimizer: Optimizer = super().create_optimizer(model)
         if fresh and self.wrap is not None:

@@ -9,7 +9,9 @@ precision, clipping, the LR scheduler, checkpoints, logging); the subclass adds,
   objective's batches), its loss scaled like the task loss, backward into its row;
 * after the last micro-batch of a step, the step's training loss to ``PhasedLR.observe``
   and the surgery (``apply_surgery()``), so that the Trainer's gradient clipping, which
-  follows, acts on the rewritten gradient.
+  follows, acts on the rewritten gradient;
+* under DDP, ``distributed=Replicated()`` for the surgery and ``no_sync()`` around every
+  routed pass (:mod:`gradsurgery.integrations.processes`).
 
 Needs ``transformers`` (and ``accelerate``, which its Trainer needs): ``pip install
 gradsurgery[transformers]``. Tested with transformers 5.23 and accelerate 1.15; see
@@ -39,7 +41,7 @@ from gradsurgery.integrations.sources import (
     check_sources,
     drawer,
 )
-from gradsurgery.integrations.stack import WrapperStack
+from gradsurgery.integrations.stack import WrapperStack, wraps
 from gradsurgery.wrappers import PhasedStats, StepStats, WrappedOptimizer
 
 __all__ = ["SOURCES_NAME", "ObjectivesFn", "SurgeryTrainer"]
@@ -95,8 +97,14 @@ class SurgeryTrainer(Trainer):
     are logged with it, like ``grad_norm``; ``logging_steps=1`` logs every step's.
 
     **Checkpoints** hold the wrapper's state in ``optimizer.pt`` (its ``state_dict``) and
-    the iterator sources' states in :data:`SOURCES_NAME`, so
+    the iterator sources' states in :data:`SOURCES_NAME` (one file per rank under DDP), so
     ``train(resume_from_checkpoint=...)`` restores them.
+
+    **Several processes** (``torchrun``, ``accelerate launch``: DDP). The surgery gets
+    ``distributed=Replicated()`` from the Trainer's set-up; every routed pass runs under
+    ``no_sync()`` and the surgery averages its rows in one all-reduce; each rank draws
+    from its own sources, so the step is the one-process step on the union of the ranks'
+    batches (``docs/trainer.md``).
 
     Args:
         *args: ``Trainer``'s arguments.
@@ -165,8 +173,9 @@ class SurgeryTrainer(Trainer):
         Raises:
             ValueError: ``wrap`` returned something that is not a gradsurgery wrapper around
                 the optimizer it was given, or one whose rows the sources do not match, a
-                surgery that is not outermost under fp16, or a distributed set-up (several
-                processes, DeepSpeed, FSDP); the Trainer is left without an optimizer.
+                surgery that is not outermost under fp16 or built for another
+                ``distributed=`` layout, DeepSpeed or FSDP; the Trainer is left without an
+                optimizer.
         """
         chosen = processes.layout(
             self.accelerator, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled
@@ -176,7 +185,7 @@ class SurgeryTrainer(Trainer):
         if fresh and self.wrap is not None:
             self.optimizer = None
             wrapped = self.wrap(optimizer)
-            if not isinstance(wrapped, WrappedOptimizer) or not _wraps(wrapped, optimizer):
+            if not isinstance(wrapped, WrappedOptimizer) or not wraps(wrapped, optimizer):
                 raise ValueError(
                     f"wrap must return a gradsurgery wrapper around the optimizer it is given, "
                     f"got {type(wrapped).__name__}"
@@ -382,12 +391,3 @@ def _checked_loss(loss: Any, what: str) -> Tensor:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(f"the loss of {what} must be a 0-d tensor, got {shape}")
     return loss
-
-
-def _wraps(wrapper: Optimizer, inner: Optimizer) -> bool:
-    """Whether ``inner`` is in the stack of wrappers under ``wrapper``."""
-    while isinstance(wrapper, WrappedOptimizer):
-        wrapper = wrapper.optimizer
-        if wrapper is inner:
-            return True
-    return False

@@ -2,9 +2,10 @@
 
 One launch of ``tests/trainer_ddp_run.py`` runs GEM, LF-MLF and PCGrad on two ranks (each
 with half of every batch, two micro-batches per step): fp32 and fp64 runs, a run resumed
-from a checkpoint, a run with a NaN in one rank's memory loss. The tests compare the ranks
-with each other and with one process on the union of their batches. The launch takes about
-25 s on two CPU cores (marked slow).
+from a checkpoint, a run with a NaN in one rank's memory loss, the other wrappers; an
+``accelerate launch`` runs GEM and a usage error on one rank. The tests compare the ranks
+with each other and with one process on the union of their batches. The two launches take
+about 50 s on two CPU cores (marked slow).
 """
 
 import os
@@ -43,19 +44,24 @@ def free_port() -> int:
         return port
 
 
-def launch(launcher: list[str], out: Path, *names: str) -> list[dict[str, Any]]:
-    """Run ``tests/trainer_ddp_run.py`` on two ranks; what each rank saved."""
+def launch(launcher: list[str], out: Path, *names: str) -> subprocess.CompletedProcess[str]:
+    """Run ``tests/trainer_ddp_run.py`` on two ranks."""
     command = [*launcher, "tests/trainer_ddp_run.py", str(out), *names]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def saved(out: Path) -> list[dict[str, Any]]:
+    """What each rank saved."""
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    torchrun = [*TORCHRUN, "--master_port", str(free_port())]
-    return launch(torchrun, tmp_path_factory.mktemp("ddp"))
+    out = tmp_path_factory.mktemp("ddp")
+    done = launch([*TORCHRUN, "--master_port", str(free_port())], out)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return saved(out)
 
 
 @pytest.fixture(scope="module")
@@ -140,12 +146,19 @@ def test_nan_on_one_rank_stops_both_before_the_step(ranks: list[dict[str, Any]],
     assert_same(ranks[0][f"{name}/nan_parameters"], ranks[1][f"{name}/nan_parameters"])
 
 
-def test_accelerate_launch_runs_the_same_steps(tmp_path: Path, single: dict[str, Any]) -> None:
+def test_accelerate_launch_runs_the_same_steps_and_a_usage_error_stops_the_job(
+    tmp_path: Path, single: dict[str, Any]
+) -> None:
     accelerate = [*ACCELERATE, "--main_process_port", str(free_port())]
-    ranks = launch(accelerate, tmp_path, "gem")
+    done = launch(accelerate, tmp_path, "gem", "usage_error")
+    ranks = saved(tmp_path)  # GEM ran, then rank 1 alone made a usage error
     assert_same(ranks[0]["gem/float32"], ranks[1]["gem/float32"])
     assert max_difference(ranks[0]["gem/float32"], single["gem/float32"]) < 1e-6
-    assert (
-        ranks[0]["gem/float32/ddp_bytes"]
-        == [ranks[0]["gem/float32/all_reduce_bytes"][0] // 2] * STEPS
-    )
+    task = ranks[0]["gem/float32/all_reduce_bytes"][0] // 2  # 4p bytes: two constraints
+    assert ranks[0]["gem/float32/ddp_bytes"] == [task] * STEPS
+    # the job ends at once, with rank 1's message and rank 1 as the root cause; rank 0,
+    # waiting in a collective, is stopped by the launcher instead of timing out
+    assert done.returncode != 0
+    assert "ValueError: the loss of source 'mlm' must be a 0-d tensor, got (1,)" in done.stderr
+    cause = done.stderr[done.stderr.index("Root Cause") :]
+    assert "rank      : 1" in cause

@@ -3,8 +3,9 @@
 ``python -m torch.distributed.run --nproc_per_node 2 tests/trainer_ddp_run.py OUT [NAME...]``
 (or ``accelerate launch``) runs every scenario (or, given NAMEs, those wrappers' plain
 runs) on the two gloo ranks and saves, per rank, the parameters and what each run saw in
-``OUT/rank<r>.pt``. :func:`run` is also called in the
-test process to give the one-process run on the union of the ranks' batches.
+``OUT/rank<r>.pt``; the NAME ``usage_error`` then ends with a usage error on rank 1.
+:func:`run` is also called in the test process for the one-process run on the union of
+the ranks' batches.
 """
 
 import sys
@@ -116,6 +117,18 @@ def poisoned(rank_to_poison: int, rank: int, after: int) -> Any:
         calls[0] += 1
         value = tagging_loss(model, batch)
         return value * float("nan") if rank == rank_to_poison and calls[0] > after else value
+
+    return loss
+
+
+def not_a_number(rank_to_fail: int, rank: int, after: int) -> Any:
+    """``tagging_loss``, a 1-d tensor (a usage error) on ``rank_to_fail`` after ``after`` calls."""
+    calls = [0]
+
+    def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        calls[0] += 1
+        value = tagging_loss(model, batch)
+        return value.reshape(1) if rank == rank_to_fail and calls[0] > after else value
 
     return loss
 
@@ -267,7 +280,10 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     chosen = tuple(sys.argv[2:])  # a few wrappers, without faults (the accelerate launch)
-    names = chosen or WRAPPERS + OTHERS
+    usage_error = "usage_error" in chosen  # then, last: rank 1's source loss is not 0-d
+    names = tuple(name for name in chosen if name != "usage_error") or WRAPPERS + OTHERS
     outcome = run(target / "runs", rank, world, faults=not chosen, names=names)
     torch.save(outcome, target / f"rank{rank}.pt")
+    if usage_error:
+        trainer("gem", target / "usage", rank, world, loss=not_a_number(1, rank, 2)).train()
     dist.destroy_process_group()

@@ -37,6 +37,7 @@ from gradsurgery.distributed import Sharded
 from gradsurgery.integrations.transformers import SurgeryTrainer
 from tests.trainer_setups import (
     LANGS,
+    VOCAB,
     arguments,
     batches,
     examples,
@@ -48,7 +49,7 @@ from tests.trainer_setups import (
 UNION = 4  # examples per micro-batch, all ranks together
 STEPS, ACCUMULATION = 3, 2
 WRAPPERS = ("gem", "lfmlf", "pcgrad")  # fp32 and fp64, resumed, NaN on one rank
-OTHERS = ("agem", "uniform", "gradvac", "mgda", "phased", "phased_gem")  # fp32 only
+OTHERS = ("agem", "uniform", "gradvac", "mgda", "phased", "phased_gem", "objectives")  # fp32
 ALL_REDUCE = dist.all_reduce  # DDP's hook below calls it uncounted
 
 
@@ -121,6 +122,12 @@ def poisoned(rank_to_poison: int, rank: int, after: int) -> Any:
     return loss
 
 
+def split_objectives(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The batch's loss for "en", and for "de" the loss with every token id shifted by one."""
+    shifted = {**inputs, "input_ids": (inputs["input_ids"] + 1) % VOCAB}
+    return {"en": tagging_loss(model, inputs), "de": tagging_loss(model, shifted)}
+
+
 def not_a_number(rank_to_fail: int, rank: int, after: int) -> Any:
     """``tagging_loss``, a 1-d tensor (a usage error) on ``rank_to_fail`` after ``after`` calls."""
     calls = [0]
@@ -152,6 +159,8 @@ def wrapper(name: str, model: nn.Module, generator: torch.Generator) -> Any:
         return lambda o: PhasedLR(o, model, window=1)
     if name == "phased_gem":
         return lambda o: PhasedLR(gem(o), model, window=1)
+    if name == "objectives":
+        return lambda o: MGDA(o, LANGS)
     if name in PLAIN:
         return lambda o: PLAIN[name](o, LANGS)
     return lambda o: SEEDED[name](o, LANGS, generator=generator)
@@ -173,9 +182,12 @@ def trainer(name: str, out: Path, rank: int, world: int, **settings: Any) -> Sur
         sources = {"mlm": (source(7), loss), "xsr": (source(8), tagging_loss)}
     elif name == "phased":
         sources = {}
+    elif name == "objectives":  # compute_objectives: two objectives from each batch
+        sources = {"fr": (source(2), tagging_loss)}
     else:
         sources = {"de": (source(1), loss), "fr": (source(2), tagging_loss)}
     objective = "en" if name in PLAIN or name in SEEDED else None
+    split = split_objectives if name == "objectives" else None
     options: dict[str, Any] = {
         "max_steps": STEPS,
         "per_device_train_batch_size": UNION // world,
@@ -193,6 +205,7 @@ def trainer(name: str, out: Path, rank: int, world: int, **settings: Any) -> Sur
         wrap=wrap,
         sources=sources,
         train_objective=objective,
+        compute_objectives=split,
     )
     # BERT's forward takes **kwargs but its loss is a plain mean (docs/trainer.md)
     surgery.model_accepts_loss_kwargs = False

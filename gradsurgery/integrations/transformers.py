@@ -208,9 +208,10 @@ class SurgeryTrainer(Trainer):
                     "steps the outermost optimizer and would unscale the gradients the "
                     "surgery has already unscaled"
                 )
-            stack.surgery.grad_scaler = scaler
         if chosen is not None and stack.surgery is not None:
-            processes.adopt(stack.surgery, chosen)
+            processes.adopt(stack.surgery, chosen)  # checks before it changes anything
+        if stack.surgery is not None and scaler is not None:
+            stack.surgery.grad_scaler = scaler
         self.optimizer, self.wrappers = optimizer, stack
         self._layout = chosen
         self._window_step = None

@@ -19,9 +19,9 @@ from gradsurgery import (
     Uniform,
 )
 from gradsurgery.distributed import Replicated
-from gradsurgery.integrations.processes import layout
+from gradsurgery.integrations.processes import layout, rank_file
 from gradsurgery.integrations.sources import BatchCycle
-from gradsurgery.integrations.transformers import SurgeryTrainer
+from gradsurgery.integrations.transformers import SOURCES_NAME, SurgeryTrainer
 from tests.trainer_setups import (  # noqa: F401 (no_full_collection: an autouse fixture)
     LANGS,
     arguments,
@@ -202,6 +202,13 @@ def test_the_layout_follows_the_trainers_set_up(
         assert layout(accelerator, deepspeed=False, fsdp=False) is None
     else:
         assert layout(accelerator, deepspeed=False, fsdp=False) == expected()
+
+
+def test_each_rank_of_several_names_its_own_sources_file() -> None:
+    one: Any = SimpleNamespace(num_processes=1, process_index=0)
+    second: Any = SimpleNamespace(num_processes=2, process_index=1)
+    assert rank_file(SOURCES_NAME, one) == SOURCES_NAME
+    assert rank_file(SOURCES_NAME, second) == "gradsurgery_sources_1.pt"
 
 
 def test_batch_cycle_draws_by_position() -> None:

@@ -133,6 +133,10 @@ def test_a_run_resumed_from_a_checkpoint_equals_the_uninterrupted_one(
 ) -> None:
     for rank in ranks:
         assert_same(rank[f"{name}/resumed"], rank[f"{name}/whole"])
+        # each rank saved its own stream sources' state
+        files = rank[f"{name}/checkpoint"]
+        assert {"gradsurgery_sources_0.pt", "gradsurgery_sources_1.pt"} <= set(files)
+        assert "gradsurgery_sources.pt" not in files
     assert_same(ranks[0][f"{name}/resumed"], ranks[1][f"{name}/resumed"])
 
 

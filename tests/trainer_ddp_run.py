@@ -265,6 +265,8 @@ def run(
         resumed.train(resume_from_checkpoint=str(out / name / "whole" / "checkpoint-2"))
         results[f"{name}/whole"] = parameters(whole.model)
         results[f"{name}/resumed"] = parameters(resumed.model)
+        checkpoint = out / name / "whole" / "checkpoint-2"
+        results[f"{name}/checkpoint"] = sorted(path.name for path in checkpoint.iterdir())
         # a NaN in rank 1's source loss at the second step's first micro-batch
         nan = trainer(name, out / name / "nan", rank, world, loss=poisoned(1, rank, ACCUMULATION))
         try:

@@ -2,10 +2,12 @@
 
 import ast
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -16,8 +18,10 @@ from gradsurgery import (
     PhasedLR,
     Uniform,
 )
+from gradsurgery.distributed import Replicated
+from gradsurgery.integrations.processes import layout, rank_file
 from gradsurgery.integrations.sources import BatchCycle
-from gradsurgery.integrations.transformers import SurgeryTrainer
+from gradsurgery.integrations.transformers import SOURCES_NAME, SurgeryTrainer
 from tests.trainer_setups import (  # noqa: F401 (no_full_collection: an autouse fixture)
     LANGS,
     arguments,
@@ -160,12 +164,51 @@ def test_bad_configuration_is_refused_before_any_step(case: str, tmp_path: Path)
     assert all(torch.equal(before[key], after[key]) for key in before)
 
 
-def test_distributed_set_ups_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("is_fsdp_enabled", "not run under the Trainer's FSDP"),
+        ("is_deepspeed_enabled", "DeepSpeed"),
+    ],
+)
+def test_fsdp_and_deepspeed_are_refused(tmp_path: Path, flag: str, message: str) -> None:
     trainer = make_trainer("gem", tmp_path)
-    trainer.is_fsdp_enabled = True
-    with pytest.raises(ValueError, match="single process without DeepSpeed or FSDP"):
+    setattr(trainer, flag, True)
+    with pytest.raises(ValueError, match=message):
         trainer.create_optimizer()
     assert trainer.optimizer is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "processes", "expected"),
+    [
+        (DistributedType.NO, 1, None),
+        (DistributedType.MULTI_CPU, 1, None),
+        (DistributedType.MULTI_CPU, 2, Replicated),
+        (DistributedType.MULTI_GPU, 8, Replicated),
+        (DistributedType.XLA, 2, ValueError),
+        (DistributedType.FSDP, 2, ValueError),
+        (DistributedType.DEEPSPEED, 1, ValueError),
+    ],
+)
+def test_the_layout_follows_the_trainers_set_up(
+    kind: DistributedType, processes: int, expected: Any
+) -> None:
+    accelerator: Any = SimpleNamespace(distributed_type=kind, num_processes=processes)
+    if expected is ValueError:
+        with pytest.raises(ValueError, match="SurgeryTrainer"):
+            layout(accelerator, deepspeed=False, fsdp=False)
+    elif expected is None:
+        assert layout(accelerator, deepspeed=False, fsdp=False) is None
+    else:
+        assert layout(accelerator, deepspeed=False, fsdp=False) == expected()
+
+
+def test_each_rank_of_several_names_its_own_sources_file() -> None:
+    one: Any = SimpleNamespace(num_processes=1, process_index=0)
+    second: Any = SimpleNamespace(num_processes=2, process_index=1)
+    assert rank_file(SOURCES_NAME, one) == SOURCES_NAME
+    assert rank_file(SOURCES_NAME, second) == "gradsurgery_sources_1.pt"
 
 
 def test_batch_cycle_draws_by_position() -> None:
@@ -213,4 +256,5 @@ def test_only_the_integration_module_imports_transformers_when_loaded() -> None:
             for name in loaded_imports(ast.parse(path.read_text()).body)
         )
     }
-    assert importers == {"integrations/transformers.py"}
+    # processes.py is imported only by transformers.py
+    assert importers == {"integrations/transformers.py", "integrations/processes.py"}

@@ -19,7 +19,7 @@ from gradsurgery.wrappers import (
     WrappedOptimizer,
 )
 
-__all__ = ["WrapperStack"]
+__all__ = ["WrapperStack", "wraps"]
 
 
 @dataclass(frozen=True)
@@ -120,3 +120,12 @@ class WrapperStack:
                 "Trainer's own GradScaler is used"
             )
         return cls(surgery, phased, own, expected, surgery is outermost)
+
+
+def wraps(wrapper: Optimizer, inner: Optimizer) -> bool:
+    """Whether ``inner`` is in the stack of wrappers under ``wrapper``."""
+    while isinstance(wrapper, WrappedOptimizer):
+        wrapper = wrapper.optimizer
+        if wrapper is inner:
+            return True
+    return False

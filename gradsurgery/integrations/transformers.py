@@ -9,7 +9,9 @@ precision, clipping, the LR scheduler, checkpoints, logging); the subclass adds,
   objective's batches), its loss scaled like the task loss, backward into its row;
 * after the last micro-batch of a step, the step's training loss to ``PhasedLR.observe``
   and the surgery (``apply_surgery()``), so that the Trainer's gradient clipping, which
-  follows, acts on the rewritten gradient.
+  follows, acts on the rewritten gradient;
+* under DDP, ``distributed=Replicated()`` for the surgery and ``no_sync()`` around every
+  routed pass (:mod:`gradsurgery.integrations.processes`).
 
 Needs ``transformers`` (and ``accelerate``, which its Trainer needs): ``pip install
 gradsurgery[transformers]``. Tested with transformers 5.23 and accelerate 1.15; see
@@ -30,6 +32,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from transformers import Trainer
 
+from gradsurgery.distributed import Distributed
+from gradsurgery.integrations import processes
 from gradsurgery.integrations.sources import (
     BatchStream,
     LossFn,
@@ -37,7 +41,7 @@ from gradsurgery.integrations.sources import (
     check_sources,
     drawer,
 )
-from gradsurgery.integrations.stack import WrapperStack
+from gradsurgery.integrations.stack import WrapperStack, wraps
 from gradsurgery.wrappers import PhasedStats, StepStats, WrappedOptimizer
 
 __all__ = ["SOURCES_NAME", "ObjectivesFn", "SurgeryTrainer"]
@@ -93,8 +97,14 @@ class SurgeryTrainer(Trainer):
     are logged with it, like ``grad_norm``; ``logging_steps=1`` logs every step's.
 
     **Checkpoints** hold the wrapper's state in ``optimizer.pt`` (its ``state_dict``) and
-    the iterator sources' states in :data:`SOURCES_NAME`, so
+    the iterator sources' states in :data:`SOURCES_NAME` (one file per rank under DDP), so
     ``train(resume_from_checkpoint=...)`` restores them.
+
+    **Several processes** (``torchrun``, ``accelerate launch``: DDP). The surgery gets
+    ``distributed=Replicated()`` from the Trainer's set-up; every routed pass runs under
+    ``no_sync()`` and the surgery averages its rows in one all-reduce; each rank draws
+    from its own sources, so the step is the one-process step on the union of the ranks'
+    batches (``docs/trainer.md``).
 
     Args:
         *args: ``Trainer``'s arguments.
@@ -153,6 +163,7 @@ class SurgeryTrainer(Trainer):
         self._micro_batch = 0
         self._window_loss: Tensor | None = None
         self._surgery_stats: StepStats | None = None
+        self._layout: Distributed | None = None
 
     # -- the optimizer ---------------------------------------------------------------------
 
@@ -162,21 +173,19 @@ class SurgeryTrainer(Trainer):
         Raises:
             ValueError: ``wrap`` returned something that is not a gradsurgery wrapper around
                 the optimizer it was given, or one whose rows the sources do not match, a
-                surgery that is not outermost under fp16, or a distributed set-up (several
-                processes, DeepSpeed, FSDP); the Trainer is left without an optimizer.
+                surgery that is not outermost under fp16 or built for another
+                ``distributed=`` layout, DeepSpeed or FSDP; the Trainer is left without an
+                optimizer.
         """
-        if self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(
-                "SurgeryTrainer runs in a single process without DeepSpeed or FSDP (it does "
-                "not yet route the rows through distributed=Replicated()/Sharded()); for "
-                "several processes write the loop as in docs/distributed.md"
-            )
+        chosen = processes.layout(
+            self.accelerator, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled
+        )
         fresh = self.optimizer is None
         optimizer: Optimizer = super().create_optimizer(model)
         if fresh and self.wrap is not None:
             self.optimizer = None
             wrapped = self.wrap(optimizer)
-            if not isinstance(wrapped, WrappedOptimizer) or not _wraps(wrapped, optimizer):
+            if not isinstance(wrapped, WrappedOptimizer) or not wraps(wrapped, optimizer):
                 raise ValueError(
                     f"wrap must return a gradsurgery wrapper around the optimizer it is given, "
                     f"got {type(wrapped).__name__}"
@@ -199,8 +208,12 @@ class SurgeryTrainer(Trainer):
                     "steps the outermost optimizer and would unscale the gradients the "
                     "surgery has already unscaled"
                 )
+        if chosen is not None and stack.surgery is not None:
+            processes.adopt(stack.surgery, chosen)  # checks before it changes anything
+        if stack.surgery is not None and scaler is not None:
             stack.surgery.grad_scaler = scaler
         self.optimizer, self.wrappers = optimizer, stack
+        self._layout = chosen
         self._window_step = None
         return optimizer
 
@@ -217,6 +230,10 @@ class SurgeryTrainer(Trainer):
             return nullcontext()
         route: Callable[[str], AbstractContextManager[None]] = getattr(surgery, surgery.row_kind)
         return route(name)
+
+    def _local(self, model: nn.Module, name: str | None) -> AbstractContextManager[Any]:
+        """Keep DDP out of a routed backward pass: the wrapper averages its row itself."""
+        return nullcontext() if name is None else processes.local_backward(model)
 
     def _stack(self) -> WrapperStack:
         if self.wrappers is None:
@@ -246,20 +263,22 @@ class SurgeryTrainer(Trainer):
         if self.compute_objectives is not None:
             loss = self._objectives_step(self.compute_objectives, model, inputs, stack.own)
         else:
-            with self._route(stack.own[0] if stack.own else None):
+            own = stack.own[0] if stack.own else None
+            with self._route(own), self._local(model, own):
                 loss = super().training_step(model, inputs, num_items_in_batch)
         position = step * self.args.gradient_accumulation_steps + self._micro_batch
         for name in stack.fed:
             batch = send_to_device(self._draws[name].at(position), self.args.device)
-            with self.compute_loss_context_manager():
-                extra = _checked_loss(self.sources[name].loss(model, batch), f"source {name!r}")
-            with self._route(name):
-                self.accelerator.backward(extra / self.current_gradient_accumulation_steps)
+            with self._local(model, name):  # forward and backward: DDP must not prepare
+                with self.compute_loss_context_manager():
+                    extra = _checked_loss(self.sources[name].loss(model, batch), f"source {name!r}")
+                with self._route(name):
+                    self.accelerator.backward(extra / self.current_gradient_accumulation_steps)
         self._micro_batch += 1
         self._window_loss = loss if self._window_loss is None else self._window_loss + loss
         if self.accelerator.sync_gradients:
             if stack.phased is not None:
-                stack.phased.observe(self._window_loss)
+                stack.phased.observe(processes.mean_over_ranks(self._window_loss, self._layout))
             if stack.surgery is not None:
                 self._surgery_stats = stack.surgery.apply_surgery()
         return loss
@@ -278,7 +297,7 @@ class SurgeryTrainer(Trainer):
         """
         model.train()
         inputs = self._prepare_inputs(inputs)
-        with self.compute_loss_context_manager():
+        with self.compute_loss_context_manager(), processes.local_backward(model):
             losses = compute_objectives(model, inputs)
         if not isinstance(losses, Mapping) or set(losses) != set(own):
             got = sorted(losses) if isinstance(losses, Mapping) else type(losses).__name__
@@ -305,20 +324,23 @@ class SurgeryTrainer(Trainer):
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         streams = self._streams()
-        if streams and self.args.should_save:
+        if streams:  # every rank draws its own batches: one file per rank
             states = {name: stream.state_dict() for name, stream in streams.items()}
-            torch.save(states, os.path.join(output_dir, SOURCES_NAME))
+            os.makedirs(output_dir, exist_ok=True)
+            name = processes.rank_file(SOURCES_NAME, self.accelerator)
+            torch.save(states, os.path.join(output_dir, name))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         streams = self._streams()
         if checkpoint is None or not streams:
             return
-        path = os.path.join(checkpoint, SOURCES_NAME)
+        name = processes.rank_file(SOURCES_NAME, self.accelerator)
+        path = os.path.join(checkpoint, name)
         if not os.path.isfile(path):
             raise ValueError(
-                f"{checkpoint} has no {SOURCES_NAME}: it was not saved by a SurgeryTrainer "
-                f"with the sources {sorted(streams)}"
+                f"{checkpoint} has no {name}: it was not saved by a SurgeryTrainer with the "
+                f"sources {sorted(streams)} and as many processes"
             )
         states = torch.load(path, weights_only=True)
         if set(states) != set(streams):
@@ -370,12 +392,3 @@ def _checked_loss(loss: Any, what: str) -> Tensor:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(f"the loss of {what} must be a 0-d tensor, got {shape}")
     return loss
-
-
-def _wraps(wrapper: Optimizer, inner: Optimizer) -> bool:
-    """Whether ``inner`` is in the stack of wrappers under ``wrapper``."""
-    while isinstance(wrapper, WrappedOptimizer):
-        wrapper = wrapper.optimizer
-        if wrapper is inner:
-            return True
-    return False

@@ -52,6 +52,7 @@ class RowsForScaler:
     """
 
     def __init__(self, bank: GradientBank, rows: int) -> None:
+        self.bank = bank
         holders = []
         for block in bank.blocks:
             routed = block[1 : 1 + rows]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch.optim import Optimizer
 
-from gradsurgery.wrappers.wrapped import WrappedOptimizer
+from gradsurgery.wrappers.wrapped import WrappedOptimizer, check_optimizer
 
 __all__ = ["check_grad_scaler", "check_inner", "row_names"]
 
@@ -36,9 +36,11 @@ def check_inner(optimizer: Optimizer, wrapper: str) -> None:
     """Refuse an inner optimizer (or stack) a gradient surgery cannot wrap.
 
     Raises:
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
         ValueError: a stack that already holds a gradient surgery, ``SparseAdam``, or an
             optimizer whose ``step`` requires a closure (L-BFGS).
     """
+    check_optimizer(optimizer)
     while isinstance(optimizer, WrappedOptimizer):
         if optimizer.rewrites_grad:
             raise ValueError(

@@ -37,7 +37,7 @@ from gradsurgery.functional.gem import (
     raise_non_finite,
 )
 from gradsurgery.papers import CHAUDHRY_2019, LIU_2021, LOPEZ_PAZ_2017
-from gradsurgery.wrappers import amp, overflow
+from gradsurgery.wrappers import overflow
 from gradsurgery.wrappers.checks import row_names
 from gradsurgery.wrappers.surgery import SurgeryOptimizer
 
@@ -293,7 +293,6 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         self._bank = self._bank.rebuilt(
             self._all_params(), [old[n] + 1 if n in old else None for n in names]
         )
-        self._scaler_rows = amp.RowsForScaler(self._bank, len(names))
         self._stale = [n in old and self._stale[old[n]] for n in names]
         self._filled = [False] * len(names)
         self.row_names = names

@@ -1,39 +1,28 @@
-"""The mechanics every gradient surgery shares.
+"""The step every gradient surgery shares.
 
-A :class:`SurgeryOptimizer` is a :class:`~gradsurgery.wrappers.wrapped.WrappedOptimizer`
-(groups, state and state dict are the inner optimizer's) that rewrites the gradient:
-
-* every trainable parameter's ``.grad`` is a view into row 0 of a
-  :class:`~gradsurgery.flat.GradientBank`; the wrapper's extra gradients (GEM constraints,
-  per-language objectives) are rows 1..k, filled by backward passes run inside
-  :meth:`SurgeryOptimizer._route`;
-* :meth:`SurgeryOptimizer.apply_surgery` rewrites row 0 in place (``step()`` calls it when
-  the user has not), then ``step()`` steps the inner optimizer.
-
-Extra rows are zeroed lazily: once a step has ended (stepped, skipped under a GradScaler, or
-refused with an exception), the next backward routed to a row first clears it, so gradient
-accumulation over micro-batches works, and a stale row is never read even if the user
-zeroes gradients through the model or the inner optimizer instead of the wrapper. Only a
-step whose inner ``step()`` raised keeps its rewritten ``.grad`` for a retry (see
-:meth:`SurgeryOptimizer.step`).
+A :class:`SurgeryOptimizer` is a :class:`~gradsurgery.wrappers.routing.RoutingOptimizer`
+(its gradients are row 0 of a flat bank, its constraint or objective gradients rows 1..k;
+groups, state and state dict are the inner optimizer's) that rewrites the gradient:
+:meth:`SurgeryOptimizer.apply_surgery` rewrites row 0 in place, under the step's
+``GradScaler`` if any, then clips it to ``max_grad_norm`` if set; ``step()`` calls it when
+the user has not, then steps the inner optimizer, handing it ``None`` for the parameters
+that got no gradient, as torch does. Only a step whose inner ``step()`` raised keeps its
+rewritten ``.grad`` for a retry (see :meth:`SurgeryOptimizer.step`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from gradsurgery import binding
 from gradsurgery import distributed as _distributed
 from gradsurgery.distributed import Distributed
-from gradsurgery.flat import GradientBank
 from gradsurgery.wrappers import amp, checks, clipping
-from gradsurgery.wrappers.wrapped import WrappedOptimizer
+from gradsurgery.wrappers.routing import RoutingOptimizer
 
 __all__ = ["StepStats", "SurgeryOptimizer"]
 
@@ -54,7 +43,7 @@ class StepStats(Protocol):
 StatsT = TypeVar("StatsT", bound=StepStats)
 
 
-class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
+class SurgeryOptimizer(RoutingOptimizer, Generic[StatsT]):
     """Base class: an optimizer that rewrites ``.grad`` before an inner optimizer steps.
 
     Subclasses set :attr:`row_kind` (what an extra row is, e.g. ``"constraint"``, also the
@@ -80,8 +69,6 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
             ``last_grad_norm`` holds the norm before clipping (a 0-d tensor).
     """
 
-    row_kind = "row"
-    min_rows = 1
     rewrites_grad = True
 
     def __init__(
@@ -98,25 +85,17 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         names = checks.row_names(rows, self.row_kind, self.min_rows)
         _distributed.check(distributed)
         max_grad_norm = clipping.check_max_grad_norm(max_grad_norm)
-        super().__init__(optimizer)
         checks.check_inner(optimizer, type(self).__name__)
         checks.check_grad_scaler(grad_scaler)
-        self.row_names = names
+        super().__init__(optimizer, names, internal_rows)
         self.grad_scaler = grad_scaler
         self.validate = validate
         self.distributed = distributed
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: Tensor | None = None
-        self._reduced = False
-        self._bank = GradientBank(self._all_params(), 1 + len(names) + internal_rows)
-        self._scaler_rows = amp.RowsForScaler(self._bank, len(names))
-        self._filled = [False] * len(self.row_names)
-        self._stale = [False] * len(self.row_names)
-        self._routing = False
-        self._broken = False
+        self._rows_for_scaler: amp.RowsForScaler | None = None
         self._pending: StatsT | None = None
         self._pending_scaler: torch.amp.GradScaler | None = None
-        self._retrying = False
         self._step_scaler: torch.amp.GradScaler | None = None
         self.last_stats: StatsT | None = None
 
@@ -125,176 +104,18 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
         """``GradScaler.step`` hands itself to :meth:`step`, which unscales every row."""
         return True
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._scaler_rows = amp.RowsForScaler(self._bank, len(self.row_names))
-
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        del state["_scaler_rows"]  # views into the bank; rebuilt from the copied bank
+        state["_rows_for_scaler"] = None  # views into the bank; rebuilt from the copied bank
         return state
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the inner optimizer; its trainable parameters join the flat buffer.
-
-        Raises:
-            RuntimeError: the group has trainable parameters and extra rows already hold
-                gradients of this step (they would miss the new parameters' part).
-        """
-        params = param_group["params"]
-        if isinstance(params, Tensor):
-            params = [params]
-        elif not isinstance(params, (list, tuple, set)):
-            params = list(params)  # a generator, read once here and once by torch
-        if any(isinstance(p, Tensor) and p.requires_grad for p in params):
-            binding.refuse_unsafe(
-                binding.BankChanges(joined=tuple(p for p in params if p.requires_grad)),
-                started=any(self._filled),
-                pending=self._pending is not None,
-                holds_gradient=self._bank.holds_gradient,
-                per_parameter_state=None,
-                optimizer_state={},
-            )
-        param_group["params"] = params
-        super().add_param_group(param_group)
-        self._sync_bank()
-
-    # -- gradients ---------------------------------------------------------------------
-
     @property
-    def bank(self) -> GradientBank:
-        """The flat gradient storage (row 0: ``.grad``; rows 1..k: the extra gradients)."""
-        self._sync_bank()
-        return self._bank
-
-    def _all_params(self) -> list[Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
-    @property
-    def _per_parameter_state(self) -> str | None:
-        """What state the wrapper keeps per parameter entry across steps, if any (subclasses)."""
-        return None
-
-    def _sync_bank(self, *, discard: bool = False) -> None:
-        """Rebuild the flat buffer if the parameters changed (see ``docs/faq.md``).
-
-        With ``discard`` (from :meth:`zero_grad`) this step's gradients are about to be
-        cleared, so changes that would invalidate them are allowed.
-
-        Raises:
-            RuntimeError: a change that the buffer cannot follow without a wrong step.
-        """
-        if self._routing:
-            return
-        params = self._all_params()
-        changes = self._bank.changes(params)
-        if not changes:
-            return
-        binding.refuse_unsafe(
-            changes,
-            started=not discard and any(self._filled),
-            pending=not discard and self._pending is not None,
-            holds_gradient=(lambda p: False) if discard else self._bank.holds_gradient,
-            per_parameter_state=self._per_parameter_state,
-            optimizer_state=self.optimizer.state,
-        )
-        old, self._bank = self._bank, self._bank.rebuilt(params)
-        self._scaler_rows = amp.RowsForScaler(self._bank, len(self.row_names))
-        self._bank_rebuilt(old)
-
-    def _bank_rebuilt(self, old: GradientBank) -> None:
-        """Carry per-parameter state over to a rebuilt buffer (subclasses)."""
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero ``.grad`` and every routed row in place.
-
-        Each ``.grad`` stays a view into the flat buffer. With ``set_to_none`` (the
-        default) every parameter also counts as having no gradient, as after torch's
-        ``zero_grad()``: one that no backward pass reaches before the next step (in any
-        row) is handed to the inner optimizer as ``None`` and not stepped (no momentum, no
-        weight decay). With ``set_to_none=False`` a parameter that had a gradient keeps a
-        zero one and is stepped with it, as in torch. Frozen parameters of the groups get
-        the same treatment.
-        """
-        self._sync_bank(discard=True)
-        bank = self._bank
-        bank.repair()
-        extra = slice(0, 1 + len(self.row_names))  # internal rows after them hold state
-        bank.zero_(extra)
-        bank.forget(extra if set_to_none else slice(1, extra.stop))
-        for p in self._all_params():
-            if not p.requires_grad and p.grad is not None:
-                p.grad = None if set_to_none else torch.zeros_like(p.grad)
-        self._filled = [False] * len(self.row_names)
-        self._stale = [False] * len(self.row_names)
-        self._pending = None
-        self._retrying = False
-        self._reduced = False
-        self._broken = False
-
-    def _index(self, name: str | int | None) -> int:
-        """The row of ``name`` (a name or an index; may be left out when there is one)."""
-        kind = self.row_kind
-        if not self.row_names:
-            raise ValueError(
-                f"this {type(self).__name__} has no {kind}s: add one with add_{kind}(name)"
-            )
-        if name is None:
-            if len(self.row_names) != 1:
-                raise ValueError(f"name the {kind}, one of {list(self.row_names)}")
-            return 0
-        if isinstance(name, int) and 0 <= name < len(self.row_names):
-            return name
-        if isinstance(name, str) and name in self.row_names:
-            return self.row_names.index(name)
-        raise ValueError(f"unknown {kind} {name!r}; the {kind}s are {list(self.row_names)}")
-
-    @contextmanager
-    def _route(self, index: int) -> Iterator[None]:
-        """Send the gradients of backward passes inside the block to extra row ``index``."""
-        if self._routing:
-            raise RuntimeError("gradient routing blocks do not nest")
-        if self._pending is not None:
-            if self._bank.repair() == 0:  # .grad untouched: the surgery's result is still there
-                raise RuntimeError(
-                    "apply_surgery() already ran for this step; compute every gradient before "
-                    "it (after a failed inner step, call step() again to retry it, or zero the "
-                    "gradients to start a new step)"
-                )
-            self._end_step()  # the user zeroed .grad since: a new step starts
-        self._check_not_broken()
-        self._sync_bank()
-        if self._stale[index]:
-            self._bank.zero_(index + 1)
-            self._bank.forget(slice(index + 1, index + 2))
-            self._stale[index] = False
-        self._routing = True
-        try:
-            with self._bank.route(index + 1):
-                yield
-        finally:
-            self._routing = False
-            self._broken = self._bank.split
-        self._filled[index] = True
-        self._check_not_broken()
-
-    def _check_not_broken(self) -> None:
-        if self._broken:
-            raise RuntimeError(
-                "a parameter's dtype, device, shape or memory layout changed inside a gradient "
-                "routing block; call zero_grad() and compute the step's gradients again"
-            )
-
-    def _check_filled(self) -> None:
-        missing = [
-            name for name, filled in zip(self.row_names, self._filled, strict=True) if not filled
-        ]
-        if missing:
-            kind = self.row_kind
-            raise RuntimeError(
-                f"no gradient for {kind} {', '.join(map(repr, missing))} since the last step; "
-                f"run its backward inside `with optimizer.{kind}(name):`"
-            )
+    def _scaler_rows(self) -> amp.RowsForScaler:
+        """The extra rows as ``GradScaler.unscale_`` sees them (rebuilt with the bank)."""
+        rows = self._rows_for_scaler
+        if rows is None or rows.bank is not self._bank:
+            rows = self._rows_for_scaler = amp.RowsForScaler(self._bank, len(self.row_names))
+        return rows
 
     # -- the step ------------------------------------------------------------------------
 
@@ -373,14 +194,6 @@ class SurgeryOptimizer(WrappedOptimizer, Generic[StatsT]):
             self._step_scaler = None
         self._pending_scaler = scaler
         return self._pending
-
-    def _end_step(self) -> None:
-        """Every row is stale: the next backward into it starts from zero."""
-        self._pending = None
-        self._retrying = False
-        self._reduced = False
-        self._filled = [False] * len(self.row_names)
-        self._stale = [True] * len(self.row_names)
 
     @torch.no_grad()
     def step(  # type: ignore[override]

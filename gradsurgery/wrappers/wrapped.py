@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from gradsurgery.papers import Paper
 
-__all__ = ["STATE_KEY", "WrappedOptimizer"]
+__all__ = ["STATE_KEY", "WrappedOptimizer", "check_optimizer"]
 
 STATE_KEY = "gradsurgery"
 
@@ -58,10 +58,7 @@ class WrappedOptimizer(Optimizer):
         cls.bibtex = "\n\n".join(paper.bibtex for paper in cls.papers)
 
     def __init__(self, optimizer: Optimizer) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+        check_optimizer(optimizer)
         # Optimizer.__init__ would build groups of its own; set up what it sets up instead.
         self.optimizer = optimizer
         self.defaults = optimizer.defaults
@@ -186,3 +183,11 @@ class WrappedOptimizer(Optimizer):
                     f"this state dict has no entry for the inner {type(self.optimizer).__name__}"
                 )
             self.optimizer._check_stack(stack[:-1])
+
+
+def check_optimizer(optimizer: object) -> None:
+    """Raise ``TypeError`` unless ``optimizer`` is a ``torch.optim.Optimizer``."""
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )

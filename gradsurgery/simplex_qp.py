@@ -39,6 +39,7 @@ __all__ = [
     "lfmlf_kkt_residual",
     "lfmlf_qp",
     "min_norm_kkt_residual",
+    "min_norm_point",
     "min_norm_weights",
     "raise_if_inexact",
 ]
@@ -125,6 +126,35 @@ def _enumerate_min_norm(K: Tensor) -> Tensor:
     return w.index_select(0, objective.argmin().reshape(1)).squeeze(0)
 
 
+def _two_min_norm(K: Tensor) -> Tensor:
+    """The min-norm point of two gradients in closed form: the segment's nearest point to 0.
+
+    ``w_0 ∝ clamp(K_11 − K_01, 0, ·)`` and ``w_1 ∝ clamp(K_00 − K_01, 0, ·)`` over
+    ``K_00 + K_11 − 2 K_01``; each weight is computed from its own numerator (not as
+    ``1 − w_0``), so a weight of 1e-26 next to one of 1 keeps its digits. Equal gradients
+    (numerators both zero) give equal weights.
+    """
+    w = torch.stack([K[1, 1] - K[0, 1], K[0, 0] - K[0, 1]]).clamp(min=0)
+    total = w.sum()
+    return torch.where(total > 0, w / torch.where(total > 0, total, 1), 0.5)
+
+
+def min_norm_point(K: Tensor, solver: str = "auto") -> Tensor:
+    """The weights of :func:`min_norm_weights` without their certificate (the fast path)."""
+    t = K.shape[0]
+    if solver == "auto":
+        solver = "enumerate" if t <= qp.MAX_ENUMERATE else "daqp"
+    else:
+        qp.resolve_solver(solver, t)
+    if solver == "enumerate":
+        if t == 1:
+            return torch.ones_like(K[0])
+        if t == 2:
+            return _two_min_norm(K / _unit_scale(K))
+        return _enumerate_min_norm(K / _unit_scale(K))
+    return _simplex_on_host(K, torch.zeros_like(K[0]), solver, descent=False).w
+
+
 def min_norm_weights(K: Tensor, solver: str = "auto") -> SimplexSolution:
     """The min-norm point of the convex hull of ``T`` gradients, as weights on the simplex.
 
@@ -137,15 +167,7 @@ def min_norm_weights(K: Tensor, solver: str = "auto") -> SimplexSolution:
         ``w`` with ``Σ w = 1``, ``w ≥ 0`` and ``K w ≥ wᵀKw`` (so ``d = Jᵀw`` is a common
         non-ascent direction), and its KKT residual; on ``K``'s device.
     """
-    t = K.shape[0]
-    if solver == "auto":
-        solver = "enumerate" if t <= qp.MAX_ENUMERATE else "daqp"
-    else:
-        qp.resolve_solver(solver, t)
-    if solver == "enumerate":
-        w = _enumerate_min_norm(K / _unit_scale(K))
-    else:
-        w = _simplex_on_host(K, torch.zeros_like(K[0]), solver, descent=False).w
+    w = min_norm_point(K, solver)
     return SimplexSolution(w, min_norm_kkt_residual(K, w))
 
 

@@ -25,9 +25,8 @@ import math
 import torch
 from torch import Tensor
 
-from gradsurgery import gram
 from gradsurgery.functional.pcgrad import conflict_orders
-from gradsurgery.functional.validation import check_gradients, check_no_autograd
+from gradsurgery.functional.validation import check_no_autograd, finite_gram
 
 __all__ = ["check_beta", "gradvac_coefficients", "gradvac_weights"]
 
@@ -89,10 +88,9 @@ def gradvac_weights(
         the next call (start with ``None``: all zero).
     """
     check_no_autograd("gradvac_weights", grads=grads, targets=targets)
-    check_gradients(grads, "gradvac_weights")
     check_beta(beta)
     t = grads.shape[0]
-    K = gram.gram(grads)
+    K = finite_gram(grads, "gradvac_weights")
     if targets is None:
         targets = torch.zeros_like(K)
     elif targets.shape != K.shape:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -57,7 +59,9 @@ def _raise_for_non_finite_rows(grads: Tensor) -> None:
         raise NonFiniteGradientError(f"gradient rows {rows} hold NaN or Inf values")
 
 
-def finite_gram(grads: Tensor, function: str) -> Tensor:
+def finite_gram(
+    grads: Tensor, function: str, *, too_coarse: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """The float64 Gram matrix ``grads @ grads.T`` of checked gradients, finiteness included.
 
     A NaN or Inf entry of row ``t`` makes ``K_tt = Σ_j g_tj²`` NaN or Inf, so a finite Gram
@@ -65,7 +69,9 @@ def finite_gram(grads: Tensor, function: str) -> Tensor:
     flag). Only a non-finite Gram costs more: the rows are checked
     (:class:`~gradsurgery.errors.NonFiniteGradientError` naming them), and finite rows
     whose squares overflow the accumulation dtype (fp32 gradients above about 1e19) get
-    the exact Gram of :func:`gradsurgery.gram.exact_gram` instead.
+    the exact Gram of :func:`gradsurgery.gram.exact_gram` instead. So do gradients
+    whose Gram ``K`` (accumulated in fp32 for fp32/fp16/bf16 rows) is ``too_coarse(K)``
+    (a 0-d bool, read with the finiteness flag: still one host read).
 
     Raises:
         ValueError: see :func:`check_gradients`.
@@ -74,8 +80,16 @@ def finite_gram(grads: Tensor, function: str) -> Tensor:
     """
     check_gradients(grads, function, finite=False)
     K = gram.gram(grads)
-    if bool(K.isfinite().all()):
-        return K
+    finite = K.isfinite().all()
+    if too_coarse is None or gram.is_exact([grads.dtype]):
+        if bool(finite):
+            return K
+    else:
+        is_finite, coarse = torch.stack([finite, too_coarse(K)]).tolist()
+        if is_finite and not coarse:
+            return K
+        if is_finite:
+            return gram.exact_gram(grads)
     _raise_for_non_finite_rows(grads)
     K = gram.exact_gram(grads)
     if not bool(K.isfinite().all()):

@@ -290,12 +290,16 @@ def _refine(problem: _Scaled, u: Tensor) -> Tensor:
     y = np.maximum(u.numpy() - lower, 0.0)
     passive = y > _KKT_TOL * (1 + y.max())
     y = _towards_passive_optimum(K, q, passive, np.where(passive, y, 0.0))
+    seen = set()  # passive sets whose optimum was reached
     for _ in range(3 * len(q) + 10):
         gradient = K @ y + q
         gradient[passive] = np.inf
         j = int(np.argmin(gradient))
         if gradient[j] >= -_KKT_TOL * (1 + np.abs(y).max()):
             break
+        if passive.tobytes() in seen:
+            break  # the same optimum again: a cycle (singular K); the certificate decides
+        seen.add(passive.tobytes())
         passive[j] = True
         y = _towards_passive_optimum(K, q, passive, y)
     refined = torch.as_tensor(y + lower, dtype=torch.float64)

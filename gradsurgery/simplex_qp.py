@@ -283,7 +283,15 @@ def _active_set(K: np.ndarray, c: np.ndarray, w: np.ndarray, descent: bool) -> n
     C = _constraint_rows(K, descent)
     tol = 1e-12
     working = C @ w <= tol
+    visits: dict[bytes, float] = {}  # the objective when each working set was last entered
     for _ in range(10 * t + 10):
+        objective = float(0.5 * w @ K @ w + c @ w)
+        key = working.tobytes()
+        if key in visits and objective >= visits[key] - 1e-15 * (1 + abs(objective)):
+            # back at a working set without progress: degenerate constraints cycle here
+            # (the iteration cap would change nothing); the certificate decides
+            return w
+        visits[key] = objective
         equalities = np.vstack([np.ones((1, t)), C[working]])
         # onto the working set's face exactly: the backend's answer meets the constraints
         # only to its tolerance

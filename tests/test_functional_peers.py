@@ -190,6 +190,27 @@ def test_mgda_is_non_conflicting_and_permutation_invariant(A, seed):
 
 
 @settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["normal", "strong", "near_opposite"]))
+def test_mgda_above_eight_objectives_is_the_min_norm_point(seed, kind):
+    # the host path (NNLS form through the exact bound-constrained solver), against SciPy's
+    # NNLS on the vectors themselves: min ‖Σ u_t (g_t, 1) − e‖, w = u / Σu
+    rng = np.random.default_rng(seed)
+    t, p = int(rng.integers(9, 17)), int(rng.integers(3, 40))
+    rank = int(rng.integers(1, min(t - 1, p) + 1))
+    A = torch.tensor(matrix(kind, t, p, rank, rng) * 10.0 ** rng.uniform(-3, 3))
+    w = mgda_weights(A)
+    augmented = np.vstack([A.numpy().T, np.ones((1, t))])
+    u, _ = nnls(augmented, np.eye(p + 1)[-1], maxiter=100 * t)
+    w_ref = torch.tensor(u / u.sum())
+    K = A @ A.T
+    scale = float(K.diagonal().max())
+    assert abs(float(w.sum()) - 1) <= 1e-9 and bool((w >= 0).all())
+    assert float(w @ K @ w) <= float(w_ref @ K @ w_ref) + 1e-9 * scale
+    d = A.T @ w
+    assert bool((A @ d >= float(d @ d) - resolution(A) * A.norm(dim=1)).all())
+
+
+@settings(max_examples=40, deadline=None)
 @given(matrices(kinds=("strong",)))
 def test_mgda_is_zero_on_strongly_stationary_matrices(A):
     d = A.double().T @ mgda_weights(A)

@@ -191,7 +191,8 @@ def kkt_residual(
     return _certificate(problem, v * problem.s) * _unit_ratio(K, b, unit)
 
 
-def _enumerate(problem: _Scaled) -> Tensor:
+def _enumerate(problem: _Scaled) -> tuple[Tensor, Tensor]:
+    """The candidate the certificate trusts most, and its certificate."""
     K, b, lower = problem.K, problem.b, problem.lower
     subsets = _subsets(K.shape[0], K.device)
     A = K * subsets.pairs + subsets.identity
@@ -202,8 +203,9 @@ def _enumerate(problem: _Scaled) -> Tensor:
     # Every candidate that passes the certificate is a minimiser (a convex QP has no other
     # KKT points); the one the certificate trusts most is kept. Exactly singular subsets
     # (dependent constraints) either fail or tie with a nonsingular one.
-    best = _certificate(problem, u).argmin().reshape(1)
-    return u.index_select(0, best).squeeze(0)
+    certificates = _certificate(problem, u)
+    best = certificates.argmin().reshape(1)
+    return u.index_select(0, best).squeeze(0), certificates.index_select(0, best).squeeze(0)
 
 
 def _qpsolvers(problem: _Scaled, solver: str) -> Tensor:
@@ -389,11 +391,13 @@ def solve_lower_bounded(
     """
     solver = resolve_solver(solver, K.shape[0])
     problem = _scale(K, b, lower)
-    if solver == "closed_form":
-        u = torch.maximum(problem.lower, -problem.b)
-    elif solver == "enumerate":
-        u = _enumerate(problem)
+    if solver == "enumerate":
+        u, certificate = _enumerate(problem)
     else:
-        u = _qpsolvers(problem, solver)
+        if solver == "closed_form":
+            u = torch.maximum(problem.lower, -problem.b)
+        else:
+            u = _qpsolvers(problem, solver)
+        certificate = _certificate(problem, u)
     v = torch.maximum(u / problem.s, lower)  # undo the rescaling without rounding below a bound
-    return QPSolution(v, _certificate(problem, u) * _unit_ratio(K, b, unit))
+    return QPSolution(v, certificate * _unit_ratio(K, b, unit))

@@ -141,9 +141,9 @@ def test_the_brute_force_reference_is_feasible_and_no_farther_than_nnls(problem)
         assert np.linalg.norm(brute - g) <= np.linalg.norm(nnls - g) + RTOL * g_norm
 
 
-def uncertifiable(problem: qp._Scaled) -> torch.Tensor:
+def uncertifiable(problem: qp._Scaled) -> tuple[torch.Tensor, torch.Tensor]:
     """Stands in for a device solver that returns a wrong point (every multiplier at 0)."""
-    return problem.lower
+    return problem.lower, qp._certificate(problem, problem.lower)
 
 
 def test_an_uncertified_device_answer_falls_back_to_the_exact_solver(monkeypatch):

@@ -41,6 +41,7 @@ __all__ = [
     "exact_gram",
     "gram",
     "ieee_fp32_matmul",
+    "is_exact",
     "underflow_suspected",
 ]
 
@@ -83,6 +84,8 @@ def _full_precision_gram(block: Tensor) -> Tensor:
     # off the memory bound); a batch of cache-sized (r, BLOCK) products is not, and its
     # blockwise summation is also more accurate.
     rows, n = block.shape
+    if n < 2 * _CPU_BLOCK:
+        return block @ block.T
     whole = n - n % _CPU_BLOCK
     tiles = block[:, :whole].view(rows, whole // _CPU_BLOCK, _CPU_BLOCK).transpose(0, 1)
     total = torch.bmm(tiles, tiles.transpose(1, 2)).sum(dim=0)
@@ -199,6 +202,12 @@ def combine_overflows(out: Tensor, block: Tensor, weights: Tensor, *, accumulate
                     combined += out[part].float()
                 flags.append(combined.to(out.dtype).isfinite().all())
     return ~torch.stack(flags).all()
+
+
+def is_exact(dtypes: Iterable[torch.dtype]) -> bool:
+    """Whether a Gram of gradients of these dtypes is accumulated in float64 already."""
+    dtypes = list(dtypes)
+    return bool(dtypes) and all(compute_dtype(dtype) == torch.float64 for dtype in dtypes)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -21,7 +21,7 @@ polyhedral cone (GEM). Solvers:
 any qpsolvers backend (``"daqp"``, ``"quadprog"``, ``"osqp"``, ``"clarabel"``, ...)
     On the CPU in float64 (for accelerator tensors, one device-to-host copy of ``t² + t``
     numbers), then finished exactly by active-set (Lawson–Hanson) steps started from the
-    backend's solution.
+    backend's solution (or from the bounds, where the backend gave none).
     ``"daqp"``, which ``"auto"`` picks for ``t > MAX_ENUMERATE``, is exact
     and accepts a singular ``K``; ``"quadprog"`` needs ``K`` positive definite; ``"osqp"``
     and ``"clarabel"`` run with tightened tolerances. See ``docs/solvers.md`` for the measured
@@ -191,7 +191,8 @@ def kkt_residual(
     return _certificate(problem, v * problem.s) * _unit_ratio(K, b, unit)
 
 
-def _enumerate(problem: _Scaled) -> Tensor:
+def _enumerate(problem: _Scaled) -> tuple[Tensor, Tensor]:
+    """The candidate the certificate trusts most, and its certificate."""
     K, b, lower = problem.K, problem.b, problem.lower
     subsets = _subsets(K.shape[0], K.device)
     A = K * subsets.pairs + subsets.identity
@@ -202,8 +203,9 @@ def _enumerate(problem: _Scaled) -> Tensor:
     # Every candidate that passes the certificate is a minimiser (a convex QP has no other
     # KKT points); the one the certificate trusts most is kept. Exactly singular subsets
     # (dependent constraints) either fail or tie with a nonsingular one.
-    best = _certificate(problem, u).argmin().reshape(1)
-    return u.index_select(0, best).squeeze(0)
+    certificates = _certificate(problem, u)
+    best = certificates.argmin().reshape(1)
+    return u.index_select(0, best).squeeze(0), certificates.index_select(0, best).squeeze(0)
 
 
 def _qpsolvers(problem: _Scaled, solver: str) -> Tensor:
@@ -215,8 +217,32 @@ def _qpsolvers(problem: _Scaled, solver: str) -> Tensor:
     if bool(live.any()):
         P = host.K[live][:, live].numpy()
         q, lb = host.b[live].numpy(), host.lower[live].numpy()
-        u[live] = torch.as_tensor(backend_solve(solver, P, q, lb=lb), dtype=torch.float64)
+        try:
+            x = backend_solve(solver, P, q, lb=lb)
+        except SolverError:
+            try:
+                x = backend_solve(solver, _nearby_convex(P), q, lb=lb)
+            except SolverError:
+                x = lb  # the active-set steps below then solve it from the bounds
+        u[live] = torch.as_tensor(x, dtype=torch.float64)
     return _refine(host, u.maximum(host.lower)).to(problem.K.device)
+
+
+def _nearby_convex(P: np.ndarray) -> np.ndarray:
+    r"""``P + δI``, positive definite, with ``δ`` of the size of the Gram's rounding.
+
+    A Gram matrix accumulated in fp32 from dependent rows (more constraints than
+    dimensions, near-opposite rows) is indefinite by its rounding: eigenvalues down to
+    about :math:`-t\,arepsilon_{32}` on the unit diagonal. Along such a direction the
+    dual is unbounded below and backends give no answer. The shifted problem is a
+    nearby one (a perturbation no larger than the rounding already in ``P``); its
+    solution is then finished and certified against the original ``P``.
+    """
+    t = len(P)
+    lowest = float(np.linalg.eigvalsh(P)[0])
+    shift = 2 * max(-lowest, 0.0) + (t + 4) * float(_EPS)
+    shifted: np.ndarray = P + shift * np.eye(t)
+    return shifted
 
 
 def backend_solve(
@@ -266,12 +292,16 @@ def _refine(problem: _Scaled, u: Tensor) -> Tensor:
     y = np.maximum(u.numpy() - lower, 0.0)
     passive = y > _KKT_TOL * (1 + y.max())
     y = _towards_passive_optimum(K, q, passive, np.where(passive, y, 0.0))
+    seen = set()  # passive sets whose optimum was reached
     for _ in range(3 * len(q) + 10):
         gradient = K @ y + q
         gradient[passive] = np.inf
         j = int(np.argmin(gradient))
         if gradient[j] >= -_KKT_TOL * (1 + np.abs(y).max()):
             break
+        if passive.tobytes() in seen:
+            break  # the same optimum again: a cycle (singular K); the certificate decides
+        seen.add(passive.tobytes())
         passive[j] = True
         y = _towards_passive_optimum(K, q, passive, y)
     refined = torch.as_tensor(y + lower, dtype=torch.float64)
@@ -350,19 +380,24 @@ def solve_lower_bounded(
 
     Returns:
         The minimiser and its KKT residual (see :func:`kkt_residual`), on ``K``'s device.
-        With ``"closed_form"`` and ``"enumerate"`` nothing is copied to the host.
+        With ``"closed_form"`` and ``"enumerate"`` nothing is copied to the host. A
+        qpsolvers backend that gives no answer (an fp32-accumulated ``K`` of dependent
+        rows is indefinite by its rounding) is given the nearby convex problem of
+        ``_nearby_convex``, and if it fails on that too, the active-set finish starts from
+        the bounds: there is always an answer, and its certificate says how good it is.
 
     Raises:
         ValueError: unknown or uninstalled solver.
-        SolverError: a qpsolvers backend failed.
     """
     solver = resolve_solver(solver, K.shape[0])
     problem = _scale(K, b, lower)
-    if solver == "closed_form":
-        u = torch.maximum(problem.lower, -problem.b)
-    elif solver == "enumerate":
-        u = _enumerate(problem)
+    if solver == "enumerate":
+        u, certificate = _enumerate(problem)
     else:
-        u = _qpsolvers(problem, solver)
+        if solver == "closed_form":
+            u = torch.maximum(problem.lower, -problem.b)
+        else:
+            u = _qpsolvers(problem, solver)
+        certificate = _certificate(problem, u)
     v = torch.maximum(u / problem.s, lower)  # undo the rescaling without rounding below a bound
-    return QPSolution(v, _certificate(problem, u) * _unit_ratio(K, b, unit))
+    return QPSolution(v, certificate * _unit_ratio(K, b, unit))

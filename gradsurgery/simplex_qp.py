@@ -39,6 +39,7 @@ __all__ = [
     "lfmlf_kkt_residual",
     "lfmlf_qp",
     "min_norm_kkt_residual",
+    "min_norm_point",
     "min_norm_weights",
     "raise_if_inexact",
 ]
@@ -125,6 +126,66 @@ def _enumerate_min_norm(K: Tensor) -> Tensor:
     return w.index_select(0, objective.argmin().reshape(1)).squeeze(0)
 
 
+def _two_min_norm(K: Tensor) -> Tensor:
+    """The min-norm point of two gradients in closed form: the segment's nearest point to 0.
+
+    ``w_0 ∝ clamp(K_11 − K_01, 0, ·)`` and ``w_1 ∝ clamp(K_00 − K_01, 0, ·)`` over
+    ``K_00 + K_11 − 2 K_01``; each weight is computed from its own numerator (not as
+    ``1 − w_0``), so a weight of 1e-26 next to one of 1 keeps its digits. Equal gradients
+    (numerators both zero) give equal weights.
+    """
+    w = torch.stack([K[1, 1] - K[0, 1], K[0, 0] - K[0, 1]]).clamp(min=0)
+    total = w.sum()
+    return torch.where(total > 0, w / torch.where(total > 0, total, 1), 0.5)
+
+
+def min_norm_point(K: Tensor, solver: str = "auto") -> Tensor:
+    """The weights of :func:`min_norm_weights` without their certificate (the fast path)."""
+    t = K.shape[0]
+    if solver == "auto":
+        solver = "enumerate" if t <= qp.MAX_ENUMERATE else "daqp"
+    else:
+        qp.resolve_solver(solver, t)
+    if solver == "enumerate":
+        if t == 1:
+            return torch.ones_like(K[0])
+        if t == 2:
+            return _two_min_norm(K / _unit_scale(K))
+        return _enumerate_min_norm(K / _unit_scale(K))
+    Kn = K / _unit_scale(K)
+    w = _min_norm_by_nnls(Kn, solver)
+    residual, objective = torch.stack([min_norm_kkt_residual(K, w), w @ Kn @ w]).tolist()
+    if residual <= _NNLS_EXACT * t or objective <= _NNLS_EXACT * t:
+        return w  # certified, or d = 0 to the rounding of K itself (a Pareto-stationary point)
+    # Near (not at) a Pareto-stationary point 1 − s carries ‖d‖² and the reformulation loses
+    # digits: the simplex problem itself, finished by the primal active-set method, is kept
+    # if better.
+    exact = _simplex_on_host(K, torch.zeros_like(K[0]), solver, descent=False).w
+    better = min_norm_kkt_residual(K, exact) < min_norm_kkt_residual(K, w)
+    return exact if bool(better) else w
+
+
+_NNLS_EXACT = 64 * torch.finfo(torch.float64).eps
+
+
+def _min_norm_by_nnls(K: Tensor, solver: str) -> Tensor:
+    r"""The min-norm point from a non-negative least-squares problem (Gram form), on the host.
+
+    With :math:`\hat g_t = (g_t, 1)`, :math:`u^* = \arg\min_{u \ge 0}
+    \lVert \sum_t u_t \hat g_t - e_{p+1} \rVert^2`, i.e. :math:`\min_{u \ge 0}
+    \tfrac12 u^\top (K + 11^\top) u - 1^\top u`, gives :math:`w = u^* / \sum_t u^*_t`:
+    its KKT conditions :math:`\langle g_t, d \rangle \ge (1 - s)/s` (equality where
+    :math:`u_t > 0`, :math:`s = \sum u`, :math:`d = J^\top w`) are MGDA's, with
+    :math:`\lVert d \rVert^2 = (1 - s)/s`. Solved by :func:`gradsurgery.qp.solve_lower_bounded`
+    (the backend, then the exact Lawson–Hanson finish); ``s ≥ 1/(1 + max K_tt) > 0``.
+    """
+    t = K.shape[0]
+    ones = torch.ones(t, dtype=K.dtype, device=K.device)
+    u = qp.solve_lower_bounded(K + 1, -ones, torch.zeros_like(ones), solver).v.clamp(min=0)
+    total = u.sum()
+    return torch.where(total > 0, u / torch.where(total > 0, total, 1), 1 / t)
+
+
 def min_norm_weights(K: Tensor, solver: str = "auto") -> SimplexSolution:
     """The min-norm point of the convex hull of ``T`` gradients, as weights on the simplex.
 
@@ -137,15 +198,7 @@ def min_norm_weights(K: Tensor, solver: str = "auto") -> SimplexSolution:
         ``w`` with ``Σ w = 1``, ``w ≥ 0`` and ``K w ≥ wᵀKw`` (so ``d = Jᵀw`` is a common
         non-ascent direction), and its KKT residual; on ``K``'s device.
     """
-    t = K.shape[0]
-    if solver == "auto":
-        solver = "enumerate" if t <= qp.MAX_ENUMERATE else "daqp"
-    else:
-        qp.resolve_solver(solver, t)
-    if solver == "enumerate":
-        w = _enumerate_min_norm(K / _unit_scale(K))
-    else:
-        w = _simplex_on_host(K, torch.zeros_like(K[0]), solver, descent=False).w
+    w = min_norm_point(K, solver)
     return SimplexSolution(w, min_norm_kkt_residual(K, w))
 
 
@@ -230,7 +283,15 @@ def _active_set(K: np.ndarray, c: np.ndarray, w: np.ndarray, descent: bool) -> n
     C = _constraint_rows(K, descent)
     tol = 1e-12
     working = C @ w <= tol
+    visits: dict[bytes, float] = {}  # the objective when each working set was last entered
     for _ in range(10 * t + 10):
+        objective = float(0.5 * w @ K @ w + c @ w)
+        key = working.tobytes()
+        if key in visits and objective >= visits[key] - 1e-15 * (1 + abs(objective)):
+            # back at a working set without progress: degenerate constraints cycle here
+            # (the iteration cap would change nothing); the certificate decides
+            return w
+        visits[key] = objective
         equalities = np.vstack([np.ones((1, t)), C[working]])
         # onto the working set's face exactly: the backend's answer meets the constraints
         # only to its tolerance

@@ -141,9 +141,9 @@ def test_the_brute_force_reference_is_feasible_and_no_farther_than_nnls(problem)
         assert np.linalg.norm(brute - g) <= np.linalg.norm(nnls - g) + RTOL * g_norm
 
 
-def uncertifiable(problem: qp._Scaled) -> torch.Tensor:
+def uncertifiable(problem: qp._Scaled) -> tuple[torch.Tensor, torch.Tensor]:
     """Stands in for a device solver that returns a wrong point (every multiplier at 0)."""
-    return problem.lower
+    return problem.lower, qp._certificate(problem, problem.lower)
 
 
 def test_an_uncertified_device_answer_falls_back_to_the_exact_solver(monkeypatch):
@@ -243,19 +243,15 @@ def test_search_of_small_integer_problems_finds_no_failure():
     )
 
 
-def test_a_host_backend_without_an_answer_falls_back_to_the_exact_solver():
-    # quadprog needs K positive definite: duplicated rows make it refuse
+def test_a_host_backend_without_an_answer_gets_a_nearby_convex_problem():
+    # quadprog needs K positive definite: duplicated rows make it refuse the problem itself
     problem = Problem(
         torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64),
         torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 2.0, 0.0]], dtype=torch.float64),
     )
+    K = (problem.J @ problem.J.T).numpy()
     with pytest.raises(SolverError, match="quadprog"):
-        qp.solve_lower_bounded(
-            problem.J @ problem.J.T,
-            problem.J @ problem.g,
-            torch.zeros(3, dtype=torch.float64),
-            "quadprog",
-        )
+        qp.backend_solve("quadprog", K, (problem.J @ problem.g).numpy(), lb=np.zeros(3))
     solution = gem_multipliers(stacked_gram(problem), solver="quadprog")
-    assert bool(solution.fallback)
+    assert float(solution.kkt_residual) <= qp.KKT_TOLERANCE
     assert_is_the_projection(problem, problem.g + problem.J.T @ solution.v)

@@ -112,15 +112,14 @@ def gem_multipliers(
             increase. Leave it at 0 for the exact projection.
 
     Returns:
-        The multipliers, whether a constraint was violated, the KKT residual and whether
-        ``FALLBACK_SOLVER`` replaced a host backend that gave no answer. When the solver
-        runs on the device (``"closed_form"``, ``"enumerate"``), nothing is copied to the
-        host.
+        The multipliers, whether a constraint was violated, the KKT residual and
+        ``fallback`` false (:func:`check_solution` sets it). When the solver runs on the
+        device (``"closed_form"``, ``"enumerate"``), nothing is copied to the host. A host
+        backend always answers (see :func:`gradsurgery.qp.solve_lower_bounded`).
 
     Raises:
         ValueError: bad options, or ``gram`` requires grad while grad mode is on (the
             solve is not differentiable: pass ``gram.detach()``).
-        SolverError: even ``FALLBACK_SOLVER`` gave no answer.
     """
     check_options(margin, mode, eps)
     check_no_autograd("gem_multipliers", gram=gram)
@@ -132,7 +131,6 @@ def gem_multipliers(
         return GEMSolution(b, no, b.new_zeros(()), no)
     # the size of the terms of x = g + Jᵀv when every v_k sits at its bound m
     unit = gram[0, 0].clamp(min=0).sqrt() + margin * K.diagonal().clamp(min=0).sqrt().sum()
-    fallback = False
     if eps:
         K = K + eps * torch.eye(t, dtype=K.dtype, device=K.device)
     if mode == "agem":
@@ -152,21 +150,14 @@ def gem_multipliers(
             # nothing to solve (or nothing sane to solve: the caller reports non-finite input).
             no = torch.zeros((), dtype=torch.bool, device=b.device)
             return GEMSolution(torch.zeros_like(b), violated, b.new_zeros(()), no)
-        try:
-            solution = qp.solve_lower_bounded(K, b, lower, resolved, unit)
-        except SolverError:
-            if resolved == FALLBACK_SOLVER:
-                raise
-            # osqp, clarabel, quadprog may give no answer on dependent constraints
-            solution = qp.solve_lower_bounded(K, b, lower, FALLBACK_SOLVER, unit)
-            fallback = True
+        solution = qp.solve_lower_bounded(K, b, lower, resolved, unit)
         v = solution.v
     zero = torch.zeros((), dtype=v.dtype, device=v.device)
     return GEMSolution(
         torch.where(violated, v, zero),
         violated,
         torch.where(violated, solution.kkt_residual, zero),
-        torch.full((), fallback, dtype=torch.bool, device=v.device),
+        torch.zeros((), dtype=torch.bool, device=v.device),
     )
 
 
@@ -198,7 +189,9 @@ def check_solution(
 
     1. If the Gram may have underflowed (:func:`gradsurgery.gram.underflow_suspected`)
        or is not finite, it is replaced by ``exact_gram()`` and the dual solved again (a
-       second read): finite gradients whose squares overflow fp32 are then accepted.
+       second read): finite gradients whose squares overflow fp32 are then accepted. So
+       is a Gram accumulated in fp32 whose solution fails its certificate: near-dependent
+       constraints need multipliers so large that its rounding shows in ``Kv + b``.
     2. Non-finite input (or a Gram that overflows even float64) is reported in ``finite``
        (nothing else is checked then): the caller raises or skips the step.
     3. A solution that fails its certificate (KKT residual above
@@ -229,6 +222,14 @@ def check_solution(
     if not finite:
         return CheckedSolution(False, bool(violated), gram, solution, math.inf)
     tolerance = qp.kkt_tolerance(gram.shape[0] - 1, dtypes)
+    if violated and not kkt <= tolerance and not (tiny or _gram.is_exact(dtypes)):
+        # The fp32-accumulated Gram is too coarse for these multipliers (near-dependent
+        # constraints make them large, and its rounding grows with them): solve the
+        # problem of the float64 Gram instead.
+        gram = exact_gram()
+        solution = gem_multipliers(gram, margin, mode=mode, solver=solver, eps=eps)
+        tolerance = qp.kkt_tolerance(gram.shape[0] - 1, [torch.float64])
+        kkt, bound = torch.stack([solution.kkt_residual, _bound(gram, solution)]).tolist()
     resolved = qp.resolve_solver(solver, gram.shape[0] - 1)
     if violated and not kkt <= tolerance and mode == "gem" and resolved != FALLBACK_SOLVER:
         exact = gem_multipliers(gram, margin, mode=mode, solver=FALLBACK_SOLVER, eps=eps)

@@ -25,11 +25,29 @@ import math
 import torch
 from torch import Tensor
 
-from gradsurgery import gram
 from gradsurgery.functional.pcgrad import conflict_orders
-from gradsurgery.functional.validation import check_gradients, check_no_autograd
+from gradsurgery.functional.validation import check_no_autograd, finite_gram
 
-__all__ = ["check_beta", "gradvac_coefficients", "gradvac_weights"]
+__all__ = ["check_beta", "gradvac_coefficients", "gradvac_weights", "near_parallel"]
+
+_FP32_DIGITS_HALVED = math.sqrt(torch.finfo(torch.float32).eps)
+
+
+def near_parallel(K: Tensor) -> Tensor:
+    r"""0-d bool: whether two gradients are nearly parallel or opposite, to fp32's precision.
+
+    Then an fp32-accumulated Gram loses half its digits in GradVac's
+    :math:`\sqrt{1 - \phi^2}`:
+    :math:`1 - \cos^2 = (K_{ii}K_{jj} - K_{ij}^2) / (K_{ii}K_{jj})` carries the Gram's
+    rounding (about :math:`arepsilon_{32}`) unreduced; below
+    :math:`\sqrt{arepsilon_{32}}` the square root has lost more digits than a float32
+    loop over the vectors would (that loop's cosine rounds to exactly ±1 there).
+    """
+    diagonal = K.diagonal().clamp(min=0)
+    scale = diagonal[:, None] * diagonal[None, :]
+    sine2 = (scale - K**2) / torch.where(scale > 0, scale, 1)
+    off = ~torch.eye(K.shape[0], dtype=torch.bool, device=K.device) & (scale > 0)
+    return (off & (sine2 < _FP32_DIGITS_HALVED)).any()
 
 
 def check_beta(beta: float) -> None:
@@ -82,17 +100,18 @@ def gradvac_weights(
     """GradVac's combination of the ``(T, p)`` gradients (whole-model granularity).
 
     Not differentiable: ``grads`` or ``targets`` that require grad while grad mode is on
-    are refused (``ValueError``); pass them detached.
+    are refused (``ValueError``); pass them detached. Nearly parallel or opposite
+    low-precision gradients (:func:`near_parallel`) get the float64 Gram of
+    :func:`gradsurgery.gram.exact_gram` (two more passes over them).
 
     Returns:
         The weights ``w`` (``d = gradsᵀ w``) and the updated ``(T, T)`` targets to pass to
         the next call (start with ``None``: all zero).
     """
     check_no_autograd("gradvac_weights", grads=grads, targets=targets)
-    check_gradients(grads, "gradvac_weights")
     check_beta(beta)
     t = grads.shape[0]
-    K = gram.gram(grads)
+    K = finite_gram(grads, "gradvac_weights", too_coarse=near_parallel)
     if targets is None:
         targets = torch.zeros_like(K)
     elif targets.shape != K.shape:

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from gradsurgery import gram, qp, simplex_qp
-from gradsurgery.functional.validation import check_gradients, check_no_autograd
+from gradsurgery.errors import NonFiniteGradientError
+from gradsurgery.functional.validation import check_gradients, check_no_autograd, finite_gram
 
 __all__ = ["DEFAULT_SOLVER", "lfmlf_weights"]
 
@@ -51,12 +52,12 @@ def lfmlf_weights(
         ValueError: shapes, devices or solver that do not fit, or ``grads`` or
             ``accumulated`` requiring grad while grad mode is on (not differentiable: pass
             them detached).
-        NonFiniteGradientError: a row of ``grads`` or ``accumulated`` is not finite.
+        NonFiniteGradientError: a row of ``grads`` or ``accumulated`` is not finite, or
+            their inner products overflow ``grads``' dtype.
         SolverError: the QP was not solved to a KKT residual of 1e-6.
     """
     check_no_autograd("lfmlf_weights", grads=grads, accumulated=accumulated)
-    check_gradients(grads, "lfmlf_weights")
-    K = gram.gram(grads)
+    K = finite_gram(grads, "lfmlf_weights")
     if accumulated is None:
         c = torch.zeros_like(K[0])
     else:
@@ -65,8 +66,13 @@ def lfmlf_weights(
                 f"accumulated must have shape {tuple(grads.shape[1:])} on {grads.device}, got "
                 f"{tuple(accumulated.shape)} on {accumulated.device}"
             )
-        check_gradients(accumulated.unsqueeze(0), "lfmlf_weights")
         c = gram.cross(grads, accumulated.to(grads.dtype))
+        if not bool(c.isfinite().all()):  # NaN/Inf in ḡ always shows in c (0·Inf is NaN)
+            check_gradients(accumulated.unsqueeze(0), "lfmlf_weights")
+            raise NonFiniteGradientError(
+                "lfmlf_weights: the inner products of grads with accumulated overflow "
+                f"{grads.dtype}; pass them in float64 (grads.double(), accumulated.double())"
+            )
     solution = simplex_qp.lfmlf_qp(K, c, solver or DEFAULT_SOLVER)
     tolerance = qp.kkt_tolerance(grads.shape[0], [grads.dtype])
     simplex_qp.raise_if_inexact(solution, "LF-MLF's Problem 2", tolerance)

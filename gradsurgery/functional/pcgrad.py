@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradsurgery import gram
-from gradsurgery.functional.validation import check_gradients, check_reduction
+from gradsurgery.functional.validation import check_reduction, finite_gram
 
 __all__ = ["conflict_orders", "pcgrad_coefficients", "pcgrad_weights"]
 
@@ -62,8 +61,8 @@ def pcgrad_weights(
     Not differentiable: ``grads`` that require grad while grad mode is on are refused
     (``ValueError``); pass ``grads.detach()``.
     """
-    check_gradients(grads, "pcgrad_weights")
     check_reduction(reduction)
-    C = pcgrad_coefficients(gram.gram(grads), conflict_orders(grads.shape[0], generator))
+    K = finite_gram(grads, "pcgrad_weights")
+    C = pcgrad_coefficients(K, conflict_orders(grads.shape[0], generator))
     weights = C.sum(dim=0)
     return weights / grads.shape[0] if reduction == "mean" else weights

@@ -81,14 +81,18 @@ def project_agem(g: np.ndarray, J: np.ndarray, margin: float = 0.0) -> np.ndarra
     return g + max(margin, -dot / (ref @ ref)) * ref
 
 
-def _best_kkt_point(K: np.ndarray, c: np.ndarray, constraints: np.ndarray) -> np.ndarray:
-    """Brute force over active sets: ``min ½wᵀKw + cᵀw`` s.t. ``Σw = 1``, ``constraints w ≥ 0``.
+def _best_kkt_point(K: np.ndarray, c: np.ndarray, rows_ge: np.ndarray) -> np.ndarray:
+    """Brute force over active sets: ``min ½wᵀKw + cᵀw`` on the simplex with ``rows_ge w ≥ 0``.
 
-    Every subset of the inequality rows is tried as the active set; its KKT system is solved
-    by least squares, and among the points that are feasible with non-negative multipliers
-    the lowest objective wins. Exponential, for a handful of variables only. Solved in
-    ``v = w ⊙ d / min d`` with ``d_t = sqrt(K_tt)``, so that gradients of very different
-    norms are resolved alike (the substitution keeps every constraint's sign).
+    Every choice of variables held at 0 (eliminated, so that vertices and edges of the
+    simplex are solved exactly) and of active rows of ``rows_ge`` is tried; its KKT system is
+    solved by least squares, and among the feasible points the lowest objective wins (the
+    problem is convex: the optimum is the stationary point of its own active set, and every
+    other feasible point is no better; multipliers are not checked, since with dependent
+    active rows least squares may return negative ones where non-negative ones exist).
+    Exponential, for a handful of variables only. Solved in ``v = w ⊙ d / min d`` with
+    ``d_t = sqrt(K_tt)``, so that gradients of very different norms are resolved alike
+    (the substitution keeps every constraint's sign).
     """
     t = len(c)
     d = np.sqrt(np.clip(np.diag(K), 0, None))
@@ -98,25 +102,29 @@ def _best_kkt_point(K: np.ndarray, c: np.ndarray, constraints: np.ndarray) -> np
     c = c * a
     unit = max(float(np.max(np.diag(K))), 1e-300)
     K, c = K / unit, c / unit
-    constraints = constraints * a[None, :]
-    constraints = constraints / np.maximum(np.abs(constraints).max(axis=1, keepdims=True), 1e-300)
+    rows_ge = rows_ge * a[None, :]
+    rows_ge = rows_ge / np.maximum(np.abs(rows_ge).max(axis=1, keepdims=True), 1e-300)
     best, best_v = np.inf, None
-    for r in range(len(constraints) + 1):
-        for active in itertools.combinations(range(len(constraints)), r):
-            rows = np.vstack([a[None, :], constraints[list(active)]])
-            m = rows.shape[0]
-            system = np.block([[K, -rows.T], [rows, np.zeros((m, m))]])
-            rhs = np.concatenate([-c, [1.0], np.zeros(m - 1)])
-            solution = np.linalg.lstsq(system, rhs, rcond=None)[0]
-            v, multipliers = solution[:t], solution[t + 1 :]
-            scale = 1 + np.abs(rhs).max() + np.abs(solution).max()
-            if np.linalg.norm(system @ solution - rhs) > 1e-8 * scale:
-                continue
-            if np.any(constraints @ v < -1e-8 * scale) or np.any(multipliers < -1e-8 * scale):
-                continue
-            value = 0.5 * v @ K @ v + c @ v
-            if value < best - 1e-12 * (1 + abs(best) if np.isfinite(best) else 1):
-                best, best_v = value, v
+    for n_free in range(1, t + 1):
+        for free in itertools.combinations(range(t), n_free):
+            f = list(free)
+            for r in range(len(rows_ge) + 1):
+                for active in itertools.combinations(range(len(rows_ge)), r):
+                    rows = np.vstack([a[None, f], rows_ge[list(active)][:, f]])
+                    m = rows.shape[0]
+                    system = np.block([[K[np.ix_(f, f)], -rows.T], [rows, np.zeros((m, m))]])
+                    rhs = np.concatenate([-c[f], [1.0], np.zeros(m - 1)])
+                    solution = np.linalg.lstsq(system, rhs, rcond=None)[0]
+                    v = np.zeros(t)
+                    v[f] = solution[:n_free]
+                    scale = 1 + np.abs(rhs).max() + np.abs(solution).max()
+                    if np.linalg.norm(system @ solution - rhs) > 1e-8 * scale:
+                        continue
+                    if np.any(v < -1e-8 * scale) or np.any(rows_ge @ v < -1e-8 * scale):
+                        continue
+                    value = 0.5 * v @ K @ v + c @ v
+                    if value < best - 1e-12 * (1 + abs(best) if np.isfinite(best) else 1):
+                        best, best_v = value, v
     assert best_v is not None
     w = np.maximum(best_v * a, 0.0)  # its least-squares solves meet w ≥ 0 to ~1e-7 only
     return w / w.sum()
@@ -124,12 +132,12 @@ def _best_kkt_point(K: np.ndarray, c: np.ndarray, constraints: np.ndarray) -> np
 
 def min_norm(K: np.ndarray) -> np.ndarray:
     """MGDA's min-norm weights by brute force."""
-    return _best_kkt_point(K, np.zeros(len(K)), np.eye(len(K)))
+    return _best_kkt_point(K, np.zeros(len(K)), np.zeros((0, len(K))))
 
 
 def lfmlf(K: np.ndarray, c: np.ndarray) -> np.ndarray:
     """LF-MLF's Problem 2 by brute force."""
-    return _best_kkt_point(K, c, np.vstack([np.eye(len(K)), K]))
+    return _best_kkt_point(K, c, K)
 
 
 def pcgrad(grads: np.ndarray, orders: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gradsurgery import simplex_qp
@@ -61,6 +61,13 @@ def test_min_norm_point_matches_brute_force_and_its_kkt(solver, problem):
 
 @pytest.mark.parametrize("solver", ["daqp", "osqp", "clarabel"])
 @given(problem=objective_gradients(max_t=4))
+# norms 2.3e6 apart in one dimension: the reference once missed this optimum (a vertex)
+@example(
+    problem=(
+        np.array([[809.3420280994889], [85.99314999527707], [3.497638047530177e-04]]),
+        np.array([-1446.9116704965886]),
+    )
+)
 def test_lfmlf_problem_2_matches_brute_force(solver, problem):
     J, accumulated = problem
     K, c = J @ J.T, J @ accumulated

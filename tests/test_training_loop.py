@@ -1,0 +1,626 @@
+"""A hypothesis state machine that plays the user of a wrapper, against a plain-torch twin.
+
+Each machine drives random sequences of what training loops do to a small model wrapped in
+:class:`~gradsurgery.GEMProjector` (t = 1..3 constraints, margin 0 or 0.5, GEM or A-GEM) or
+in a multi-objective wrapper (MGDA, ParetoLessForgetting): task and constraint / objective
+backward passes reaching a subset of the layers, accumulated over one or two micro-batches,
+sometimes with an Inf; ``zero_grad`` through the wrapper, the model and the inner optimizer
+with ``set_to_none`` either way; freezing and unfreezing layers; ``channels_last`` and
+``.double()`` after wrapping; ``GradScaler`` steps (a power-of-two scale, so that scaled and
+unscaled gradients are bit-identical); clipping and replacing ``p.grad`` after
+``apply_surgery()``; ``add_param_group``; saving and loading into fresh objects.
+
+:class:`tests.loop_reference.Reference` does the same with a plain optimizer and an
+independent float64 surgery. After every rule each parameter must equal its twin
+(float64: ``rtol=1e-9, atol=1e-12``; once a model has been float32: ``rtol=2e-4,
+atol=1e-5``), and after every step so must the inner optimizer's state and the scale.
+Where the library may refuse (a misuse, or a change of the model it cannot follow) it must
+raise a documented error (a ``gradsurgery.errors`` class, or a message quoted in
+docs/faq.md) with parameters, ``.grad`` and optimizer state unchanged; the machine then
+rebuilds the wrapper from the twin's state and goes on.
+
+``GRADSURGERY_LONG=1`` runs many more and longer sequences (for releases, see
+docs/contributing.md). Run with ``OMP_NUM_THREADS=1``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from hypothesis import event, note, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+from torch import Tensor
+
+from gradsurgery import MGDA, GEMProjector, ParetoLessForgetting
+from gradsurgery.wrappers.surgery import SurgeryOptimizer
+from tests.loop_reference import (
+    GROWTH_INTERVAL,
+    STATIONARITY_TOL,
+    Net,
+    Plan,
+    Reference,
+    ScalerReference,
+    documented,
+    extra_group,
+    group_params,
+    loss,
+    make_inner,
+)
+
+LONG = os.environ.get("GRADSURGERY_LONG") == "1"
+LOOP_SETTINGS = settings(
+    max_examples=1000 if LONG else 30,
+    stateful_step_count=60 if LONG else 25,
+    deadline=None,
+)
+
+seeds = st.integers(0, 2**16)
+layer_sets = st.frozensets(st.sampled_from(("lin", "conv", "extra")), max_size=3)
+rare = st.integers(0, 5).map(lambda i: i == 5)
+clips = st.none() | st.sampled_from([0.05, 0.5, 5.0])
+reassigns = st.none() | st.integers(0, 20)
+FREEZABLE = ("conv", "unused", "extra")
+REFUSAL_WINDOW = 2  # steps during which a change may still be refused when it is noticed
+
+
+def _grad(p: Tensor) -> Tensor:
+    return torch.zeros_like(p) if p.grad is None else p.grad.detach()
+
+
+class TrainingLoop(RuleBasedStateMachine):
+    """What every loop does; subclasses build the wrapper and plan its step."""
+
+    row_kind = "row"
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def _setup(self, seed: int, dtype: torch.dtype, inner: str, scaler: str, rows: int) -> None:
+        self.seed = seed
+        self.inner_kind = inner
+        self.scaler_mode = scaler  # "none", "passed" (grad_scaler=) or "unpassed"
+        self.n_rows = rows
+        self.dtype = dtype
+        self.ever_float32 = dtype == torch.float32
+        self.frozen: set[str] = set()
+        self.channels_last = False
+        self.extra_added = False
+        self.model = Net(seed, dtype)
+        self.ref = Reference(Net(seed, dtype), inner, rows, extra=False)
+        self.inner = make_inner(inner, self.model, extra=False)
+        self.scaler_ref = ScalerReference() if scaler != "none" else None
+        self.scaler = self._new_scaler(self.scaler_ref)
+        self.opt = self._wrap(self.inner)
+        self.need_zero = False  # a step ran: the next backward needs a zero_grad first
+        self.touched = False  # a backward ran since the last step or zero_grad
+        self.rows_touched = False  # a routed backward ran since then
+        self.stray = False
+        self.refusable: dict[str, int] = {}
+        note(f"setup seed={seed} dtype={dtype} inner={inner} scaler={scaler} rows={rows}")
+
+    def _new_scaler(self, state: ScalerReference | None) -> torch.amp.GradScaler | None:
+        if state is None:
+            return None
+        scaler = torch.amp.GradScaler(
+            "cpu", init_scale=state.scale, growth_interval=GROWTH_INTERVAL
+        )
+        scaler.load_state_dict({**scaler.state_dict(), "_growth_tracker": state.clean_steps})
+        return scaler
+
+    def _wrap(self, inner: torch.optim.Optimizer) -> SurgeryOptimizer[Any]:
+        raise NotImplementedError
+
+    def _plan(self) -> Plan:
+        raise NotImplementedError
+
+    @property
+    def _passed_scaler(self) -> torch.amp.GradScaler | None:
+        return self.scaler if self.scaler_mode == "passed" else None
+
+    def _close(self, actual: Tensor, expected: Tensor, label: str) -> None:
+        """Equal up to float64 rounding, or float32's once the model has been float32."""
+        rtol, atol = (2e-4, 1e-5) if self.ever_float32 else (1e-9, 1e-12)
+        torch.testing.assert_close(
+            actual, expected, rtol=rtol, atol=atol, msg=lambda message: f"{label}: {message}"
+        )
+
+    def _named(self) -> dict[str, Tensor]:
+        return dict(self.model.named_parameters())
+
+    def _allowed(self, parts: frozenset[str]) -> frozenset[str]:
+        """The layers a loss may reach: trainable ones; ``extra`` outside the optimizer only
+        without a scaler (its ``.grad`` would stay scaled, as with any plain optimizer)."""
+        allowed = {part for part in parts if part not in self.frozen}
+        if not self.extra_added and self.scaler is not None:
+            allowed.discard("extra")
+        return frozenset(allowed) or frozenset({"lin"})
+
+    def _scaled(self, value: Tensor) -> Tensor:
+        return value if self.scaler is None else self.scaler.scale(value)
+
+    # -- checks --------------------------------------------------------------------------
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "params": {n: p.detach().clone() for n, p in self._named().items()},
+            "grads": {n: _grad(p).clone() for n, p in self._named().items()},
+            "state": copy.deepcopy(self.inner.state_dict()),
+        }
+
+    def _check_unchanged(self, before: dict[str, Any]) -> None:
+        after = self._snapshot()
+        for name in before["params"]:
+            assert torch.equal(before["params"][name], after["params"][name]), name
+            assert torch.equal(before["grads"][name], after["grads"][name]), f"{name}.grad"
+        assert _same_state(before["state"], after["state"]), "optimizer state changed"
+
+    def _attempt(
+        self, action: Callable[[], None], expected: tuple[type[BaseException], ...] | None
+    ) -> bool:
+        """Run ``action`` on the library; False if it raised a documented refusal."""
+        before = self._snapshot()
+        try:
+            action()
+        except Exception as error:
+            if not documented(error):
+                raise
+            if expected is None and not self.refusable:
+                raise AssertionError(f"refused a sound training loop: {error!r}") from error
+            if expected is not None and not isinstance(error, expected):
+                raise
+            note(f"refused: {error!r}")
+            self._check_unchanged(before)
+            if expected is None:
+                event(f"documented refusal after {sorted(self.refusable)}")
+                self._rebuild_from_reference()
+            return False
+        assert expected is None, f"expected one of {expected}, the step went through"
+        return True
+
+    def _check_outside_grads(self) -> None:
+        """Parameters outside the optimizer keep torch's own ``.grad``."""
+        if self.scaler is not None or self.extra_added:
+            return
+        for name, p in self.model.extra.named_parameters():
+            ref = getattr(self.ref.model.extra, name)
+            self._close(_grad(p), _grad(ref), f"extra.{name}")
+
+    def _check_grads(self, plan: Plan) -> None:
+        named = self._named()
+        for name, grad in plan.grads.items():
+            expected = torch.zeros_like(named[name]) if grad is None else grad
+            self._close(_grad(named[name]), expected, f"{name}.grad after surgery")
+
+    def _check_state(self) -> None:
+        lib = self.inner.state
+        for p, q in zip(group_params(self.inner), group_params(self.ref.optimizer), strict=True):
+            mine, theirs = lib.get(p, {}), self.ref.optimizer.state.get(q, {})
+            assert set(mine) == set(theirs), f"optimizer state keys {set(mine)} != {set(theirs)}"
+            for key, value in theirs.items():
+                self._close(mine[key], value, key)
+        if self.scaler is not None:
+            assert self.scaler_ref is not None
+            assert self.scaler.get_scale() == self.scaler_ref.scale
+
+    @invariant()
+    def parameters_match(self) -> None:
+        if not hasattr(self, "model"):
+            return
+        ref = dict(self.ref.model.named_parameters())
+        for name, p in self._named().items():
+            assert p.dtype == ref[name].dtype, name
+            self._close(p.detach(), ref[name].detach(), name)
+
+    # -- gradients -----------------------------------------------------------------------
+
+    def _row_backward(
+        self, k: int, seed: int, parts: frozenset[str], micro: bool, inf: bool
+    ) -> None:
+        parts = self._allowed(parts)
+        k %= self.n_rows
+        shift = 0.5 * (k + 1)
+        note(f"{self.row_kind} {k}: parts={sorted(parts)} micro={micro} inf={inf}")
+
+        def lib() -> None:
+            with getattr(self.opt, self.row_kind)(k):
+                for batch in range(1 + micro):
+                    self._scaled(loss(self.model, seed + batch, parts, shift, inf)).backward()
+
+        if self._attempt(lib, None):
+            for batch in range(1 + micro):
+                self.ref.row_backward(k, loss(self.ref.model, seed + batch, parts, shift, inf))
+            self.touched = self.rows_touched = True
+            self._check_outside_grads()
+        else:
+            self._abandon()
+
+    def _plain_backward(self, seed: int, parts: frozenset[str], micro: bool, inf: bool) -> None:
+        parts = self._allowed(parts)
+        for batch in range(1 + micro):
+            self._scaled(loss(self.model, seed + batch, parts, 0.0, inf)).backward()
+            loss(self.ref.model, seed + batch, parts, 0.0, inf).backward()
+        self.touched = True
+        self._check_outside_grads()
+
+    @rule(set_to_none=st.booleans())
+    def zero_grad_wrapper(self, set_to_none: bool) -> None:
+        """``opt.zero_grad`` clears ``.grad`` (torch's way) and every row."""
+        if self._attempt(lambda: self.opt.zero_grad(set_to_none=set_to_none), None):
+            self.ref.optimizer.zero_grad(set_to_none=set_to_none)
+            self.ref.clear_rows()
+            self._zeroed()
+
+    @precondition(lambda self: not self.rows_touched)
+    @rule(through_model=st.booleans(), set_to_none=st.booleans())
+    def zero_grad_outside(self, through_model: bool, set_to_none: bool) -> None:
+        """``model.zero_grad`` or ``opt.optimizer.zero_grad``; no routed gradient is pending
+        (which rows these should clear mid-step is not defined)."""
+        lib = self.model if through_model else self.inner
+        ref = self.ref.model if through_model else self.ref.optimizer
+        lib.zero_grad(set_to_none=set_to_none)
+        ref.zero_grad(set_to_none=set_to_none)
+        self.ref.clear_rows()
+        self._zeroed()
+
+    def _zeroed(self) -> None:
+        self.need_zero = self.touched = self.rows_touched = self.stray = False
+
+    def _abandon(self) -> None:
+        """After a refused step the iteration is dropped: the next one starts with zero_grad."""
+        self.ref.clear_rows()
+        self.need_zero = True
+        self.touched = self.rows_touched = self.stray = False
+
+    # -- the step ------------------------------------------------------------------------
+
+    @precondition(
+        lambda self: (
+            not self.need_zero
+            and (self.scaler is None or (all(self.ref.filled) and not self.stray))
+        )
+    )
+    @rule(clip=clips, reassign=reassigns)
+    def step(self, clip: float | None, reassign: int | None) -> None:
+        """``step()``; with ``clip`` or ``reassign``, ``apply_surgery()`` first, then
+        ``clip_grad_norm_`` or ``p.grad = p.grad * 0.5`` on one parameter. A step that must
+        be refused (a missing row, a stray backward) is not taken under a scaler: a failed
+        ``scaler.step`` leaves the scaler mid-step, with or without a wrapper."""
+        missing = not all(self.ref.filled)
+        plan = self._plan()
+        explicit = clip is not None or reassign is not None
+        candidates = [name for name, grad in plan.grads.items() if grad is not None]
+        target = (
+            candidates[reassign % len(candidates)] if reassign is not None and candidates else None
+        )
+        note(f"step clip={clip} reassign={target} plan: error={plan.error} skip={plan.skip}")
+
+        def user(params: list[Tensor], named: dict[str, Tensor]) -> None:
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            if target is not None:
+                p = named[target]
+                assert p.grad is not None, f"{target}.grad is None after the surgery"
+                p.grad = p.grad * 0.5
+
+        def lib() -> None:
+            if explicit:
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.opt)
+                self.opt.apply_surgery()
+                if not plan.skip:
+                    self._check_grads(plan)
+                user(group_params(self.inner), self._named())
+            if self.scaler is not None:
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                self.opt.step()
+
+        if not self._attempt(lib, plan.error):
+            if plan.error is None or not missing:
+                self._abandon()
+            return
+        if plan.error is not None:
+            return
+        if not plan.skip:
+            self.ref.apply(plan)
+            user(group_params(self.ref.optimizer), dict(self.ref.model.named_parameters()))
+            self.ref.step()
+        if self.scaler_ref is not None:
+            self.scaler_ref.update(plan.found_inf)
+        self.ref.clear_rows()
+        self.need_zero = True
+        self.touched = self.rows_touched = self.stray = False
+        if target is not None:
+            self.refusable["p.grad replaced"] = REFUSAL_WINDOW + 1
+        self.refusable = {k: v - 1 for k, v in self.refusable.items() if v > 1}
+        self._check_state()
+
+    # -- changes to the model ------------------------------------------------------------
+
+    def _changed(self, what: str) -> None:
+        note(what)
+        self.refusable[what] = REFUSAL_WINDOW
+
+    @precondition(lambda self: not self.touched)
+    @rule(layer=st.sampled_from(FREEZABLE))
+    def freeze(self, layer: str) -> None:
+        """``requires_grad_(False)`` on a layer after wrapping (``lin`` stays trainable)."""
+        if layer in self.frozen:
+            return
+        getattr(self.model, layer).requires_grad_(False)
+        getattr(self.ref.model, layer).requires_grad_(False)
+        self.frozen.add(layer)
+        self._changed(f"freeze {layer}")
+
+    @precondition(lambda self: not self.touched and bool(self.frozen))
+    @rule(layer=st.sampled_from(FREEZABLE))
+    def unfreeze(self, layer: str) -> None:
+        if layer not in self.frozen:
+            return
+        getattr(self.model, layer).requires_grad_(True)
+        getattr(self.ref.model, layer).requires_grad_(True)
+        self.frozen.discard(layer)
+        self._changed(f"unfreeze {layer}")
+
+    @precondition(lambda self: not self.touched and not self.channels_last)
+    @rule()
+    def to_channels_last(self) -> None:
+        """``model.to(memory_format=torch.channels_last)`` after wrapping."""
+        _channels_last(self.model)
+        _channels_last(self.ref.model)
+        self.channels_last = True
+        self._changed("channels_last")
+
+    @precondition(
+        lambda self: (
+            not self.touched and self.dtype == torch.float32 and not self.ref.optimizer.state
+        )
+    )
+    @rule()
+    def to_double(self) -> None:
+        """``model.double()`` after wrapping, before any step (a plain AdamW cannot step
+        float64 parameters with float32 state either)."""
+        self.model.double()
+        self.ref.model.double()
+        self.dtype = torch.float64
+        self._changed("double")
+
+    @precondition(lambda self: not self.touched and not self.extra_added)
+    @rule()
+    def add_param_group(self) -> None:
+        """``opt.add_param_group`` with the ``extra`` layer and its own learning rate."""
+        self._changed("add_param_group")
+        if self._attempt(lambda: self.opt.add_param_group(extra_group(self.model)), None):
+            self.ref.optimizer.add_param_group(extra_group(self.ref.model))
+            self.extra_added = True
+
+    @precondition(lambda self: not self.touched)
+    @rule(fresh_seed=seeds)
+    def save_and_load(self, fresh_seed: int) -> None:
+        """Save model, optimizer (and scaler) state dicts; load them into fresh objects."""
+
+        def lib() -> None:
+            saved = _round_trip(
+                {
+                    "model": self.model.state_dict(),
+                    "opt": self.opt.state_dict(),
+                    "scaler": None if self.scaler is None else self.scaler.state_dict(),
+                }
+            )
+            model, inner = self._fresh(fresh_seed, saved["model"])
+            opt = self._wrap(inner)
+            opt.load_state_dict(saved["opt"])
+            self.model, self.inner, self.opt = model, inner, opt
+            self.scaler = self._new_scaler(self.scaler_ref)
+            if self.scaler is not None:
+                self.scaler.load_state_dict(saved["scaler"])
+
+        if not self._attempt(lib, None):
+            return
+        saved = _round_trip(
+            {"model": self.ref.model.state_dict(), "opt": self.ref.optimizer.state_dict()}
+        )
+        self.ref.model, self.ref.optimizer = self._fresh(fresh_seed, saved["model"])
+        self.ref.optimizer.load_state_dict(saved["opt"])
+        self.ref.clear_rows()
+        self._zeroed()
+        note("saved and loaded into fresh objects")
+
+    def _fresh(self, seed: int, state: dict[str, Tensor]) -> tuple[Net, torch.optim.Optimizer]:
+        """A new model built like the current one, with ``state`` loaded, and its optimizer."""
+        model = Net(seed, self.dtype)
+        if self.channels_last:
+            _channels_last(model)
+        for layer in self.frozen:
+            getattr(model, layer).requires_grad_(False)
+        model.load_state_dict(state)
+        return model, make_inner(self.inner_kind, model, self.extra_added)
+
+    def _rebuild_from_reference(self) -> None:
+        """After a refusal: fresh model, optimizer and wrapper from the twin's state."""
+        self.model, self.inner = self._fresh(self.seed + 1, self.ref.model.state_dict())
+        self.inner.load_state_dict(self.ref.optimizer.state_dict())
+        self.scaler = self._new_scaler(self.scaler_ref)
+        self.opt = self._wrap(self.inner)
+        self.ref.model.zero_grad(set_to_none=True)
+        self.ref.accumulated = {}
+        self.refusable = {}
+        self._abandon()
+        self.need_zero = False
+
+
+def _channels_last(model: Net) -> None:
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+
+def _round_trip(state: dict[str, Any]) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded: dict[str, Any] = torch.load(buffer, weights_only=False)
+    return loaded
+
+
+def _same_state(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict) and a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+class GEMLoop(TrainingLoop):
+    """:class:`~gradsurgery.GEMProjector` against NNLS (Lopez-Paz & Ranzato, 2017;
+    Chaudhry et al., 2019 for A-GEM)."""
+
+    row_kind = "constraint"
+
+    @initialize(
+        seed=seeds,
+        dtype=st.sampled_from([torch.float64, torch.float32]),
+        inner=st.sampled_from(["sgd", "adamw"]),
+        scaler=st.sampled_from(["none", "passed", "unpassed"]),
+        rows=st.integers(1, 3),
+        margin=st.sampled_from([0.0, 0.5]),
+        mode=st.sampled_from(["gem", "agem"]),
+    )
+    def setup(
+        self,
+        seed: int,
+        dtype: torch.dtype,
+        inner: str,
+        scaler: str,
+        rows: int,
+        margin: float,
+        mode: str,
+    ) -> None:
+        self.margin, self.mode = margin, mode
+        self._setup(seed, dtype, inner, scaler, rows)
+        note(f"GEM margin={margin} mode={mode}")
+
+    def _wrap(self, inner: torch.optim.Optimizer) -> SurgeryOptimizer[Any]:
+        return GEMProjector(
+            inner,
+            self.margin,
+            constraints=self.n_rows,
+            mode=self.mode,  # type: ignore[arg-type]
+            grad_scaler=self._passed_scaler,
+        )
+
+    def _plan(self) -> Plan:
+        return self.ref.gem_plan(self.margin, self.mode, self.scaler is not None)
+
+    @precondition(lambda self: not self.need_zero)
+    @rule(seed=seeds, parts=layer_sets, micro=st.booleans(), inf=rare)
+    def task_backward(self, seed: int, parts: frozenset[str], micro: bool, inf: bool) -> None:
+        """The task loss's backward pass into ``.grad``."""
+        note(f"task: parts={sorted(self._allowed(parts))} micro={micro} inf={inf}")
+        self._plain_backward(seed, parts, micro, inf)
+
+    @precondition(lambda self: not self.need_zero)
+    @rule(k=st.integers(0, 2), seed=seeds, parts=layer_sets, micro=st.booleans(), inf=rare)
+    def constraint_backward(
+        self, k: int, seed: int, parts: frozenset[str], micro: bool, inf: bool
+    ) -> None:
+        """A memory loss's backward pass inside ``with opt.constraint(k):``."""
+        self._row_backward(k, seed, parts, micro, inf)
+
+    @precondition(lambda self: not self.need_zero)
+    @rule(seed=seeds, parts=layer_sets)
+    def all_constraints_backward(self, seed: int, parts: frozenset[str]) -> None:
+        """One backward pass inside each constraint's block, in order."""
+        for k in range(self.n_rows):
+            if self.need_zero:
+                return
+            self._row_backward(k, seed + 7 * k, parts, micro=False, inf=False)
+
+
+class MultiLoop(TrainingLoop):
+    """MGDA (Sener & Koltun, 2018) or ParetoLessForgetting (Mao et al., 2022) against
+    brute-force enumeration of their quadratic programs."""
+
+    row_kind = "objective"
+
+    @initialize(
+        seed=seeds,
+        dtype=st.sampled_from([torch.float64, torch.float32]),
+        inner=st.sampled_from(["sgd", "adamw"]),
+        scaler=st.sampled_from(["none", "passed", "unpassed"]),
+        rows=st.integers(2, 3),
+        method=st.sampled_from(["mgda", "lfmlf"]),
+    )
+    def setup(
+        self, seed: int, dtype: torch.dtype, inner: str, scaler: str, rows: int, method: str
+    ) -> None:
+        self.method = method
+        self._setup(seed, dtype, inner, scaler, rows)
+        note(f"method={method}")
+
+    def _wrap(self, inner: torch.optim.Optimizer) -> SurgeryOptimizer[Any]:
+        if self.method == "mgda":
+            return MGDA(inner, self.n_rows, grad_scaler=self._passed_scaler)
+        return ParetoLessForgetting(
+            inner, self.n_rows, stationarity_tol=STATIONARITY_TOL, grad_scaler=self._passed_scaler
+        )
+
+    def _plan(self) -> Plan:
+        return self.ref.multi_plan(self.method, self.scaler is not None, self.stray)
+
+    @precondition(lambda self: not self.need_zero)
+    @rule(k=st.integers(0, 2), seed=seeds, parts=layer_sets, micro=st.booleans(), inf=rare)
+    def objective_backward(
+        self, k: int, seed: int, parts: frozenset[str], micro: bool, inf: bool
+    ) -> None:
+        """One objective's backward pass inside ``with opt.objective(k):``."""
+        self._row_backward(k, seed, parts, micro, inf)
+
+    @precondition(lambda self: not self.need_zero)
+    @rule(seed=seeds, parts=layer_sets)
+    def backward_all(self, seed: int, parts: frozenset[str]) -> None:
+        """``opt.backward([...])``: every objective's loss from one forward pass each."""
+        parts = self._allowed(parts)
+        note(f"backward all: parts={sorted(parts)}")
+        shifts = [0.5 * (k + 1) for k in range(self.n_rows)]
+
+        def lib() -> None:
+            self.opt.backward(  # type: ignore[attr-defined]
+                [self._scaled(loss(self.model, seed + k, parts, s)) for k, s in enumerate(shifts)]
+            )
+
+        if self._attempt(lib, None):
+            for k, s in enumerate(shifts):
+                self.ref.row_backward(k, loss(self.ref.model, seed + k, parts, s))
+            self.touched = self.rows_touched = True
+            self._check_outside_grads()
+        else:
+            self._abandon()
+
+    @precondition(lambda self: not self.need_zero and self.scaler is None)
+    @rule(seed=seeds)
+    def stray_backward(self, seed: int) -> None:
+        """Misuse: a backward pass outside every objective block (the step must refuse)."""
+        note("stray backward")
+        self._plain_backward(seed, frozenset({"lin"}), micro=False, inf=False)
+        self.stray = True
+
+
+TestGEMLoop = GEMLoop.TestCase
+TestGEMLoop.settings = LOOP_SETTINGS
+TestMultiLoop = MultiLoop.TestCase
+TestMultiLoop.settings = LOOP_SETTINGS

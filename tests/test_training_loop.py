@@ -491,8 +491,11 @@ class TrainingLoop(RuleBasedStateMachine):
 
     def _rebuild_from_reference(self) -> None:
         """After a refusal: fresh model, optimizer and wrapper from the twin's state."""
-        self.model, self.inner = self._fresh(self.seed + 1, self.ref.model.state_dict())
-        self.inner.load_state_dict(self.ref.optimizer.state_dict())
+        saved = _round_trip(
+            {"model": self.ref.model.state_dict(), "opt": self.ref.optimizer.state_dict()}
+        )
+        self.model, self.inner = self._fresh(self.seed + 1, saved["model"])
+        self.inner.load_state_dict(saved["opt"])
         self.scaler = self._new_scaler(self.scaler_ref)
         self.opt = self._wrap(self.inner)
         self.ref.model.zero_grad(set_to_none=True)

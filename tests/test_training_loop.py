@@ -460,13 +460,13 @@ class TrainingLoop(RuleBasedStateMachine):
                     "scaler": None if self.scaler is None else self.scaler.state_dict(),
                 }
             )
+            self.scaler = self._new_scaler(self.scaler_ref)
+            if self.scaler is not None:
+                self.scaler.load_state_dict(saved["scaler"])
             model, inner = self._fresh(fresh_seed, saved["model"])
             opt = self._wrap(inner)
             opt.load_state_dict(saved["opt"])
             self.model, self.inner, self.opt = model, inner, opt
-            self.scaler = self._new_scaler(self.scaler_ref)
-            if self.scaler is not None:
-                self.scaler.load_state_dict(saved["scaler"])
 
         if not self._attempt(lib, None):
             return

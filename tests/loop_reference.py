@@ -177,13 +177,20 @@ class Reference:
         return dict(self.model.named_parameters())[name]
 
     def row_backward(self, row: int, value: Tensor) -> None:
-        """Add the gradient of ``value`` to row ``row`` (``.grad`` is left alone)."""
+        """Add the gradient of ``value`` to row ``row`` for the optimizer's parameters, and
+        to ``.grad`` for the others, as ``loss.backward()`` does (docs/faq.md: a head
+        outside the wrapper gets the gradient)."""
+        inside = set(self.names)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)
-        for (name, _), grad in zip(named, grads, strict=True):
-            if grad is not None:
+        for (name, p), grad in zip(named, grads, strict=True):
+            if grad is None:
+                continue
+            if name in inside:
                 previous = self.rows[row].get(name)
                 self.rows[row][name] = grad if previous is None else previous + grad
+            else:
+                p.grad = grad if p.grad is None else p.grad + grad
         self.filled[row] = True
 
     def clear_rows(self) -> None:

@@ -171,16 +171,21 @@ class TrainingLoop(RuleBasedStateMachine):
         assert _same_state(before["state"], after["state"]), "optimizer state changed"
 
     def _attempt(
-        self, action: Callable[[], None], expected: tuple[type[BaseException], ...] | None
+        self,
+        action: Callable[[], None],
+        expected: tuple[type[BaseException], ...] | None,
+        misuse: bool = False,
     ) -> bool:
-        """Run ``action`` on the library; False if it raised a documented refusal."""
+        """Run ``action`` on the library; False if it raised a documented refusal (expected,
+        or of a ``misuse`` or a recent change of the model)."""
         before = self._snapshot()
         try:
             action()
         except Exception as error:
             if not documented(error):
                 raise
-            if expected is None and (not self.refusable or isinstance(error, LIBRARY_ERRORS)):
+            tolerated = misuse or (self.refusable and not isinstance(error, LIBRARY_ERRORS))
+            if expected is None and not tolerated:
                 raise AssertionError(f"refused a sound training loop: {error!r}") from error
             if expected is not None and not isinstance(error, expected):
                 raise AssertionError(f"expected one of {expected}, got {error!r}") from error
@@ -368,9 +373,14 @@ class TrainingLoop(RuleBasedStateMachine):
             else:
                 self.opt.step()
 
-        if not self._attempt(lib, plan.error):
+        # apply_surgery() before scaler.step() cannot know a scaler it was not given
+        misuse = explicit and self.scaler_mode == "unpassed"
+        if not self._attempt(lib, plan.error, misuse):
             if plan.error is None or not missing:
                 self._abandon()
+            else:  # a refused step ends it: its rows are discarded, .grad is kept
+                self.ref.clear_rows()
+                self.rows_touched = False
             return
         if plan.error is not None:
             return

@@ -182,7 +182,9 @@ class Reference:
         outside the wrapper gets the gradient)."""
         inside = set(self.names)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)
+        grads: tuple[Tensor | None, ...] = torch.autograd.grad(
+            value, [p for _, p in named], allow_unused=True
+        )
         for (name, p), grad in zip(named, grads, strict=True):
             if grad is None:
                 continue

@@ -332,12 +332,16 @@ class TrainingLoop(RuleBasedStateMachine):
                 assert p.grad is not None, f"{target}.grad is None after the surgery"
                 p.grad = p.grad * 0.5
 
+        # apply_surgery() before scaler.step() cannot know a scaler it was not given: it may
+        # rewrite .grad from scaled rows, as long as the step is then refused
+        misuse = explicit and self.scaler_mode == "unpassed"
+
         def lib() -> None:
             if explicit:
                 if self.scaler is not None:
                     self.scaler.unscale_(self.opt)
                 self.opt.apply_surgery()
-                if not plan.skip:
+                if not plan.skip and not misuse:
                     self._check_grads(plan)
                 user(group_params(self.inner), self._named())
             if self.scaler is not None:
@@ -346,8 +350,6 @@ class TrainingLoop(RuleBasedStateMachine):
             else:
                 self.opt.step()
 
-        # apply_surgery() before scaler.step() cannot know a scaler it was not given
-        misuse = explicit and self.scaler_mode == "unpassed"
         if not self._attempt(lib, plan.error, misuse):
             if plan.error is None or not missing:
                 self._abandon()

@@ -183,9 +183,10 @@ def refuse_unsafe(
     A new dtype, device or memory layout is followed (the rows are converted, as
     ``Module._apply`` converts ``.grad``), unless the inner optimizer keeps state on the
     old device (its step would fail); state of the old dtype is left as torch leaves it.
-    A frozen parameter simply leaves the bank, unless the step's surgery already ran
-    (``pending``): the rewritten gradient of the remaining ones is no longer guaranteed to
-    satisfy the constraints. A parameter that becomes
+    A frozen parameter leaves the bank (keeping its ``.grad``, as in torch), unless the
+    step's surgery already ran (``pending``: the rewritten gradient of the remaining ones
+    is no longer guaranteed to satisfy the constraints), or it holds a gradient once extra
+    rows hold this step's (``started``: it would be stepped unprojected). A parameter that becomes
     trainable once extra rows hold gradients (``started``) would miss its part of them. A
     new shape is refused while its old gradient is still to be used, when the wrapper keeps
     state of the old shape across steps (``per_parameter_state`` names it), or when the
@@ -210,6 +211,12 @@ def refuse_unsafe(
         raise RuntimeError(
             "a parameter was frozen (or removed) after apply_surgery() rewrote the step's "
             f"gradient, which is then no longer guaranteed: {redo}"
+        )
+    if started and any(holds_gradient(p) for p in changes.left):
+        raise RuntimeError(
+            "a parameter was frozen (or removed) holding a gradient after this step's "
+            "constraint or objective rows were computed: torch would step its gradient, "
+            f"which the surgery can no longer take into account: {redo}"
         )
     for p in changes.reshaped:
         if started or pending or holds_gradient(p):

@@ -289,10 +289,10 @@ class GradientBank:
         Must be called with gradients bound to row 0. Row 0 comes from each ``.grad``
         (converted to the parameter's new dtype and layout); the other rows and the record
         of which parameters got a gradient are carried for every parameter of unchanged
-        shape. A parameter that left (frozen) loses the bank's ``.grad`` (it becomes
-        ``None``); this bank's hooks are removed. ``sources`` gives, for each row of the
-        new bank after row 0, the row of this one it carries, or ``None`` for a zero row
-        (default: the same rows).
+        shape. A parameter that left (frozen) keeps a copy of its ``.grad`` if it had one,
+        as it would in torch, else ``None``; this bank's hooks are removed. ``sources``
+        gives, for each row of the new bank after row 0, the row of this one it carries, or
+        ``None`` for a zero row (default: the same rows).
         """
         params = _unique(params)
         before = {id(p): p.grad for p in params}
@@ -313,7 +313,9 @@ class GradientBank:
                         new._reached[row][i] = self._reached[source][j]
         for j, p in enumerate(self.params):
             if id(p) not in new._position and any(p.grad is g[j] for g in self._grads):
-                p.grad = None
+                had = any(reached[j] for reached in self._reached)
+                # torch keeps a frozen parameter's .grad (the inner optimizer steps it)
+                p.grad = _as_grad(p, self._views[0][j].detach().clone()) if had else None
         self.close()
         return new
 
@@ -322,10 +324,22 @@ class GradientBank:
         for reached in self._reached[rows]:
             reached[:] = bytes(len(reached))
 
+    def record_step(self, withheld: Iterable[int]) -> None:
+        """Record that a step gave ``.grad`` to every parameter but those at ``withheld``.
+
+        As in torch after ``step()``, they keep it (zeroed by ``zero_grad(set_to_none=False)``,
+        and stepped with it) until gradients are set to ``None``; the extra rows are spent.
+        """
+        first = self._reached[0]
+        first[:] = b"\x01" * len(first)
+        for i in withheld:
+            first[i] = 0
+        self.forget(slice(1, None))
+
     def holds_gradient(self, param: Tensor) -> bool:
-        """Whether ``param``'s ``.grad`` is its row-0 view and a backward pass reached it."""
+        """Whether ``param``'s ``.grad`` is its row-0 view and it has a gradient in any row."""
         i = self._position[id(param)]
-        return param.grad is self._grads[0][i] and bool(self._reached[0][i])
+        return param.grad is self._grads[0][i] and any(row[i] for row in self._reached)
 
     def without_gradient(self) -> list[int]:
         """Positions in :attr:`params` of the parameters no backward pass reached in any row."""

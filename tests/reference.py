@@ -122,7 +122,7 @@ def _best_kkt_point(K: np.ndarray, c: np.ndarray, rows_ge: np.ndarray) -> np.nda
                         continue
                     if np.any(v < -1e-8 * scale) or np.any(rows_ge @ v < -1e-8 * scale):
                         continue
-                    value = 0.5 * v @ K @ v + c @ v
+                    value = float(0.5 * v @ K @ v + c @ v)
                     if value < best - 1e-12 * (1 + abs(best) if np.isfinite(best) else 1):
                         best, best_v = value, v
     assert best_v is not None

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from gradsurgery import qp, simplex_qp
 from gradsurgery.distributed import Distributed
 from gradsurgery.errors import ParetoStationaryError
-from gradsurgery.flat import local
+from gradsurgery.flat import GradientBank, local
 from gradsurgery.functional.lfmlf import DEFAULT_SOLVER
 from gradsurgery.papers import MAO_2022
 from gradsurgery.wrappers.multi import Decision, MultiObjectiveOptimizer
@@ -105,6 +105,9 @@ class ParetoLessForgetting(MultiObjectiveOptimizer):
         self.solver = solver
         self.on_stationary: OnStationary = on_stationary
         self.stationarity_tol = float(stationarity_tol)
+        # ḡ of parameters that left the flat buffer (frozen), by state-dict index, restored
+        # when they rejoin: the accumulated direction does not forget them
+        self._parked: dict[int, Tensor] = {}
 
     @property
     def _accumulated_row(self) -> int:
@@ -156,14 +159,26 @@ class ParetoLessForgetting(MultiObjectiveOptimizer):
         for block in self._bank.blocks:
             block[self._accumulated_row].add_(block[0])
 
+    def _bank_rebuilt(self, old: GradientBank) -> None:
+        index = self._param_index()
+        row = self._accumulated_row
+        held = {id(p) for p in self._bank.params}
+        before = {id(p) for p in old.params}
+        for p, view in zip(old.params, old.row_views(row), strict=True):
+            if id(p) not in held and id(p) in index:
+                self._parked[index[id(p)]] = view.detach().clone()
+        with torch.no_grad():
+            for p, view in zip(self._bank.params, self._bank.row_views(row), strict=True):
+                if id(p) not in before and index.get(id(p)) in self._parked:
+                    view.copy_(self._parked.pop(index[id(p)]))
+
     def _extra_state(self) -> dict[str, Any]:
         index = self._param_index()
         row = self._accumulated_row
         views = zip(self._bank.params, self._bank.row_views(row), strict=True)
-        return {
-            **super()._extra_state(),
-            "accumulated": {index[id(p)]: view.clone() for p, view in views},
-        }
+        accumulated = {i: value.clone() for i, value in self._parked.items()}
+        accumulated.update({index[id(p)]: view.clone() for p, view in views})
+        return {**super()._extra_state(), "accumulated": accumulated}
 
     def _check_extra_state(self, state: dict[str, Any]) -> None:
         super()._check_extra_state(state)
@@ -184,9 +199,14 @@ class ParetoLessForgetting(MultiObjectiveOptimizer):
                 self._bank.params, self._bank.row_views(self._accumulated_row), strict=True
             )
         }
+        self._parked = {}
         with torch.no_grad():
             for index, value in state["accumulated"].items():
-                views[id(params[index])].copy_(value)
+                view = views.get(id(params[index]))
+                if view is None:  # frozen here: kept until it rejoins
+                    self._parked[index] = value.detach().clone()
+                else:
+                    view.copy_(value)
 
     def _settings(self) -> dict[str, Any]:
         return {

@@ -248,6 +248,7 @@ class SurgeryOptimizer(RoutingOptimizer, Generic[StatsT]):
             except BaseException:
                 self._retrying = True
                 raise
+            bank.record_step(withheld)
         self.last_stats = stats
         self._end_step()
         return loss

@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from gradsurgery import GEMProjector
+from gradsurgery import MGDA, GEMProjector, ParetoLessForgetting
 from gradsurgery.distributed import Replicated
 from gradsurgery.functional import gem_project
 
@@ -219,3 +219,69 @@ def test_with_distributed_set_an_unreached_parameter_is_stepped_with_zero(tmp_pa
     finally:
         dist.destroy_process_group()
     assert_identical(net, train(make, False, branches, "wrapper", set_to_none=False))
+
+
+@pytest.mark.parametrize("route", ["wrapper", "inner", "model"])
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_a_layer_frozen_mid_training_follows_torch_for_each_way_of_zeroing(
+    optimizer, route, set_to_none
+):
+    # with set_to_none=False torch keeps the frozen layer's zero .grad and steps it
+    make = OPTIMIZERS[optimizer]
+    net = train(make, True, lambda step: (0, 1), route, set_to_none, freeze_at=2)
+    assert_identical(net, train(make, False, lambda step: (0, 1), route, set_to_none, freeze_at=2))
+
+
+def test_a_multi_objective_step_leaves_gradients_that_zero_grad_keeps_as_zeros():
+    net = TwoBranches()
+    opt = MGDA(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), 2)
+    x = batch(0)
+    opt.backward([net(x, (0,)), net(x, (1,))])
+    opt.step()
+    head = net.heads[1].weight
+    buffer = opt.state[head]["momentum_buffer"].clone()
+    before = head.detach().clone()
+    opt.zero_grad(set_to_none=False)  # torch: every stepped parameter keeps a zero .grad
+    opt.backward([net(x, (0,)), net(x, (0,)).mul(2)])  # head 1 not reached
+    opt.step()
+    torch.testing.assert_close(opt.state[head]["momentum_buffer"], 0.9 * buffer)
+    torch.testing.assert_close(head.detach(), before - 0.1 * 0.9 * buffer)
+
+
+def test_rows_discarded_by_zero_grad_do_not_count_as_gradients():
+    net = TwoBranches()
+    opt = MGDA(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), 2)
+    x = batch(0)
+    with opt.objective(0):
+        net(x, (0, 1)).backward()  # never stepped: discarded below
+    opt.zero_grad(set_to_none=False)
+    opt.backward([net(x, (0,)), net(x, (0,)).mul(2)])
+    opt.step()
+    assert net.heads[1].weight not in opt.state or not opt.state[net.heads[1].weight]
+
+
+def position(params: tuple[Tensor, ...], param: Tensor) -> int:
+    return next(i for i, p in enumerate(params) if p is param)
+
+
+def test_lfmlf_keeps_the_accumulated_direction_of_a_frozen_layer_through_save_and_load():
+    net = TwoBranches()
+    opt = ParetoLessForgetting(torch.optim.SGD(net.parameters(), lr=0.1), 2)
+    x = batch(0)
+    opt.backward([net(x, (0,)), net(x, (1,))])
+    opt.step()
+    head = net.heads[1].weight
+    row = opt._accumulated_row
+    accumulated = opt.bank.row_views(row)[position(opt.bank.params, head)].clone()
+    assert accumulated.abs().sum() > 0
+    net.heads[1].requires_grad_(False)
+    opt.zero_grad()
+    state = opt.state_dict()
+    fresh = copy.deepcopy(net)
+    loaded = ParetoLessForgetting(torch.optim.SGD(fresh.parameters(), lr=0.1), 2)
+    loaded.load_state_dict(state)  # was a KeyError: the frozen layer is not in the buffer
+    fresh.heads[1].requires_grad_(True)
+    loaded.zero_grad()
+    views = loaded.bank.row_views(row)
+    assert torch.equal(views[position(loaded.bank.params, fresh.heads[1].weight)], accumulated)

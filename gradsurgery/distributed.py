@@ -31,45 +31,188 @@ first rank when the wrapper is built.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Protocol, Union
 
 import torch
 from torch import Tensor
+
+from gradsurgery import gram as _gram
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
     from gradsurgery.flat import GradientBank
 
-__all__ = ["Distributed", "Replicated", "Sharded", "check"]
+__all__ = [
+    "ColumnShard",
+    "Distributed",
+    "Replicated",
+    "Rows",
+    "Sharded",
+    "check",
+    "scatters",
+    "shard_bounds",
+]
 
 
 @dataclass(frozen=True)
 class Replicated:
-    """Data-parallel layout (DDP): each rank holds the whole gradient of its own batch.
+    r"""Data-parallel layout (DDP): each rank holds the whole gradient of its own batch.
+
+    With ``scatter=False`` the extra rows are averaged by one all-reduce of the ``(t, p)``
+    block: :math:`2t\cdot p` values sent per rank per step in a ring. With
+    ``scatter=True`` each extra row is reduce-scattered (rank :math:`s` gets the average of
+    its columns :math:`C_s`), the Gram matrix is summed over the ranks' columns as under
+    :class:`Sharded`, each rank writes its columns of the result into row 0 and one
+    all-gather gives every rank the whole row: :math:`(t + 1)\cdot p` values. The task row
+    (GEM's ``.grad``) is averaged by DDP already; every rank reads its columns of it. See
+    ``docs/distributed.md`` for the figures; ``GradVac(granularity="parameter")`` refuses
+    ``scatter=True`` (its per-tensor Gram matrices would cross the column shards).
 
     Attributes:
         group: the process group to average over (default: the world).
+        scatter: reduce-scatter the rows and all-gather the result instead of one
+            all-reduce of the rows.
     """
 
     group: ProcessGroup | None = None
+    scatter: bool = False
 
     def average_rows(self, bank: GradientBank, rows: slice) -> None:
         """Average ``rows`` of every block of ``bank`` over the group, in place.
 
-        One all-reduce per dtype block (one in all for a single-dtype model). The rows are
-        divided by the group's size before the sum, as DDP does, so no row overflows.
+        ``scatter=False``: one all-reduce per dtype block. ``scatter=True``: one
+        reduce-scatter per row and block, after which only this rank's columns
+        (:meth:`shard`) hold the average. The rows are divided by the group's size before
+        the sum, as DDP does, so no row overflows.
         """
         world = torch.distributed.get_world_size(self.group)
+        rank = torch.distributed.get_rank(self.group)
         for block in bank.blocks:
             part = block[rows]
             part.div_(world)
-            torch.distributed.all_reduce(part, group=self.group)
+            if not self.scatter:
+                torch.distributed.all_reduce(part, group=self.group)
+                continue
+            bounds = shard_bounds(block.shape[1], world)
+            for row in part:
+                chunks = [row[lo:hi] for lo, hi in bounds]
+                torch.distributed.reduce_scatter(chunks[rank], chunks, group=self.group)
 
     def reduce_gram(self, gram: Tensor) -> Tensor:
-        """The Gram matrix of the whole gradients: already global here, returned as is."""
+        """The Gram matrix of the whole gradients (summed over the column shards if ``scatter``)."""
+        if self.scatter:
+            torch.distributed.all_reduce(gram, group=self.group)
         return gram
+
+    def shard(self, bank: GradientBank) -> Rows:
+        """The rows the surgery reads: this rank's columns of ``bank`` when ``scatter``."""
+        if not self.scatter:
+            return bank
+        world = torch.distributed.get_world_size(self.group)
+        rank = torch.distributed.get_rank(self.group)
+        return ColumnShard(bank, world, rank)
+
+    def gather_row0(self, bank: GradientBank) -> None:
+        """Give every rank the whole row 0 from each rank's columns (``scatter`` only).
+
+        One all-gather per dtype block of the ``world·⌊p/world⌋`` evenly sharded columns,
+        in place, and, when ``p`` is not a multiple of the group's size, one broadcast of
+        the last rank's remaining ``p mod world`` columns.
+        """
+        if not self.scatter:
+            return
+        world = torch.distributed.get_world_size(self.group)
+        rank = torch.distributed.get_rank(self.group)
+        last = (
+            world - 1
+            if self.group is None
+            else torch.distributed.get_global_rank(self.group, world - 1)
+        )
+        for block in bank.blocks:
+            row = block[0]
+            even = row.shape[0] // world
+            if even > 0:
+                mine = row[rank * even : (rank + 1) * even]
+                torch.distributed.all_gather_into_tensor(
+                    row[: world * even], mine, group=self.group
+                )
+            if world * even < row.shape[0]:
+                torch.distributed.broadcast(row[world * even :], src=last, group=self.group)
+
+    def any_rank(self, flag: Tensor) -> Tensor:
+        """0-d bool: ``flag`` on any rank (a decision read from this rank's columns only)."""
+        if not self.scatter:
+            return flag
+        value = flag.to(torch.int32).reshape(1)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return value.reshape(()).bool()
+
+
+def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
+    """Column ranges of ``n`` columns over ``world`` ranks.
+
+    ``⌊n/world⌋`` columns each; the last rank also takes the remaining ``n mod world``.
+    """
+    even = n // world
+    return [(r * even, (r + 1) * even if r < world - 1 else n) for r in range(world)]
+
+
+class Rows(Protocol):
+    """What a surgery reads and writes of the gradient rows (a bank, or a column shard)."""
+
+    @property
+    def blocks(self) -> Sequence[Tensor]:
+        """One ``(rows, columns)`` tensor per dtype."""
+        ...
+
+    @property
+    def numel(self) -> int:
+        """The length of a whole row (``p``), also for a column shard."""
+        ...
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the rows."""
+        ...
+
+    def gram(self, *, exact: bool = False) -> Tensor:
+        """The ``(rows, rows)`` Gram matrix of these columns, in float64."""
+        ...
+
+    def combine_(self, weights: Tensor, *, accumulate: bool, rows: slice = slice(1, None)) -> None:
+        """Write ``row0 (+)= Σ_k w_k row_k`` on these columns."""
+        ...
+
+
+class ColumnShard:
+    """One rank's columns of every block of a bank (views; nothing is copied).
+
+    ``numel`` is the whole row's length, so that every rank takes the decisions that depend
+    on it (the underflow test) alike.
+    """
+
+    def __init__(self, bank: GradientBank, world: int, rank: int) -> None:
+        self.blocks = [
+            block[:, slice(*shard_bounds(block.shape[1], world)[rank])] for block in bank.blocks
+        ]
+        self.numel = bank.numel
+        self.device = bank.device
+
+    def gram(self, *, exact: bool = False) -> Tensor:
+        """The partial ``(rows, rows)`` Gram matrix of these columns, in float64."""
+        of = _gram.exact_gram if exact else _gram.gram
+        total = of(self.blocks[0])
+        for block in self.blocks[1:]:
+            total = total + of(block)
+        return total
+
+    def combine_(self, weights: Tensor, *, accumulate: bool, rows: slice = slice(1, None)) -> None:
+        """``GradientBank.combine_`` on these columns."""
+        for block in self.blocks:
+            _gram.combine_(block[0], block[rows], weights, accumulate=accumulate)
 
 
 @dataclass(frozen=True)
@@ -89,6 +232,17 @@ class Sharded:
         """Sum the shards' partial Gram matrices over the group (one small all-reduce)."""
         torch.distributed.all_reduce(gram, group=self.group)
         return gram
+
+    def shard(self, bank: GradientBank) -> Rows:
+        """The rows the surgery reads: the bank, which holds this rank's shards."""
+        return bank
+
+    def gather_row0(self, bank: GradientBank) -> None:
+        """Nothing to do: each rank steps its own shards."""
+
+    def any_rank(self, flag: Tensor) -> Tensor:
+        """``flag`` as is."""
+        return flag
 
 
 Distributed = Union[Replicated, Sharded]  # noqa: UP007 (a runtime alias on Python 3.10)
@@ -113,6 +267,11 @@ def check(distributed: object) -> None:
             "distributed= needs an initialised process group: call "
             "torch.distributed.init_process_group(...) before building the wrapper"
         )
+
+
+def scatters(distributed: object) -> bool:
+    """Whether ``distributed`` is ``Replicated(scatter=True)``."""
+    return isinstance(distributed, Replicated) and distributed.scatter
 
 
 def broadcast_generator(generator: torch.Generator, distributed: Distributed | None) -> None:

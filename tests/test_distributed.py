@@ -13,6 +13,7 @@ must be bit-identical.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -23,6 +24,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.multiprocessing.spawn import start_processes
 
@@ -36,7 +39,7 @@ from gradsurgery import (
     SurgeryOptimizer,
     Uniform,
 )
-from gradsurgery.distributed import Replicated, Sharded
+from gradsurgery.distributed import Replicated, Sharded, shard_bounds
 
 WORLD = 2
 BATCH = 8
@@ -63,6 +66,8 @@ def build(name: str, opt: torch.optim.Optimizer, layout: Any, seed: int) -> Surg
 
 
 NAMES = ["gem", "uniform", "pcgrad", "gradvac", "gradvac_param", "mgda", "lfmlf"]
+MODES = ["ddp", "scatter", "fsdp"]
+REFUSED = {("scatter", "gradvac_param")}  # refused at construction (see the test below)
 
 
 def make_model() -> nn.Sequential:
@@ -107,6 +112,11 @@ def fill_rows(
             (scale[k] * loss(net, x[k], y[k])).backward()
 
 
+def last_column(net: nn.Module) -> Tensor:
+    """A term whose gradient is the last parameter's: the last rank's column shard."""
+    return list(net.parameters())[-1].sum()
+
+
 def full(p: Tensor) -> Tensor:
     return p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
 
@@ -117,9 +127,9 @@ def train(name: str, mode: str, rank: int | None) -> list[Tensor]:
     net: nn.Module = model
     layout: Any = None
     local: Callable[[], AbstractContextManager[None]] = nullcontext
-    if mode == "ddp":
+    if mode in ("ddp", "scatter"):
         ddp = nn.parallel.DistributedDataParallel(model)
-        net, layout, local = ddp, Replicated(), ddp.no_sync
+        net, layout, local = ddp, Replicated(scatter=mode == "scatter"), ddp.no_sync
     elif mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -137,31 +147,44 @@ def train(name: str, mode: str, rank: int | None) -> list[Tensor]:
     return [full(p) for p in model.parameters()]
 
 
+COLLECTIVES = ["all_reduce", "reduce_scatter", "all_gather_into_tensor", "broadcast"]
+
+
 @contextmanager
-def counting_all_reduce(log: list[int]) -> Iterator[None]:
-    """Record the bytes of every ``torch.distributed.all_reduce`` issued inside."""
-    original = dist.all_reduce
+def counting_collectives(log: list[tuple[str, int]]) -> Iterator[None]:
+    """Record every collective issued inside: its name and the bytes of its whole tensor.
 
-    def counted(tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
-        log.append(tensor.numel() * tensor.element_size())
-        return original(tensor, *args, **kwargs)
+    The whole tensor: what is all-reduced, the row a reduce-scatter splits (the sum of its
+    inputs), the row an all-gather fills, what is broadcast.
+    """
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
 
-    dist.all_reduce = counted
+    def counting(name: str) -> Callable[..., Any]:
+        def counted(first: Any, *args: Any, **kwargs: Any) -> Any:
+            tensors = args[0] if name == "reduce_scatter" else [first]
+            log.append((name, sum(t.numel() * t.element_size() for t in tensors)))
+            return originals[name](first, *args, **kwargs)
+
+        return counted
+
+    for name in COLLECTIVES:
+        setattr(dist, name, counting(name))
     try:
         yield
     finally:
-        dist.all_reduce = original
+        for name, original in originals.items():
+            setattr(dist, name, original)
 
 
-def step_traffic(mode: str, name: str, rank: int) -> list[int]:
-    """The all-reduce sizes the wrapper issues in one step (not DDP's/FSDP's own)."""
+def step_traffic(mode: str, name: str, rank: int) -> list[tuple[str, int]]:
+    """The collectives the wrapper issues in one step (not DDP's/FSDP's own), with bytes."""
     model = make_model()
     layout: Any
     local: Callable[[], AbstractContextManager[None]]
     net: nn.Module
-    if mode == "ddp":
+    if mode in ("ddp", "scatter"):
         ddp = nn.parallel.DistributedDataParallel(model)
-        net, layout, local = ddp, Replicated(), ddp.no_sync
+        net, layout, local = ddp, Replicated(scatter=mode == "scatter"), ddp.no_sync
     else:
         from torch.distributed.fsdp import fully_shard
 
@@ -170,18 +193,23 @@ def step_traffic(mode: str, name: str, rank: int) -> list[int]:
     opt = build(name, torch.optim.SGD(model.parameters(), lr=0.1), layout, seed=7)
     x, y = batch(0, rank)
     fill_rows(name, net, opt, x, y, local)
-    log: list[int] = []
-    with counting_all_reduce(log):
+    log: list[tuple[str, int]] = []
+    with counting_collectives(log):
         opt.step()
     return log
 
 
-def nan_on_one_rank(rank: int) -> dict[str, Any]:
-    """Rank 1 poisons a constraint: both ranks raise, nothing changes, then both go on."""
+def nan_on_one_rank(rank: int, scatter: bool, last_only: bool = False) -> dict[str, Any]:
+    """Rank 1 poisons a constraint: both ranks raise, nothing changes, then both go on.
+
+    ``last_only``: under the GradScaler, only the last parameter's gradient is NaN, in the
+    last rank's columns: the first rank's own columns of the row stay finite.
+    """
     out: dict[str, Any] = {}
     model = make_model()
     ddp = nn.parallel.DistributedDataParallel(model)
-    opt = build("gem", torch.optim.Adam(model.parameters(), lr=0.1), Replicated(), seed=7)
+    layout = Replicated(scatter=scatter)
+    opt = build("gem", torch.optim.Adam(model.parameters(), lr=0.1), layout, seed=7)
     x, y = batch(0, rank)
     fill_rows("gem", ddp, opt, x, y, ddp.no_sync)
     opt.step()
@@ -211,7 +239,7 @@ def nan_on_one_rank(rank: int) -> dict[str, Any]:
         margin=0.0,
         constraints=1,
         grad_scaler=scaler,
-        distributed=Replicated(),
+        distributed=layout,
     )
     start = [full(p) for p in model.parameters()]
     x, y = batch(0, rank)
@@ -219,7 +247,11 @@ def nan_on_one_rank(rank: int) -> dict[str, Any]:
     scaler.scale(loss(ddp, x[0], y[0])).backward()
     with opt.constraint(), ddp.no_sync():
         poison = float("nan") if rank == 1 else 1.0
-        scaler.scale(poison * loss(ddp, x[1], y[1])).backward()
+        if last_only:
+            spoiled = loss(ddp, x[1], y[1]) + (poison - 1.0) * last_column(ddp)
+        else:
+            spoiled = poison * loss(ddp, x[1], y[1])
+        scaler.scale(spoiled).backward()
     scaler.step(opt)
     scaler.update()
     out["scaler_skipped"] = bool(opt.last_stats is not None and opt.last_stats.skipped)
@@ -227,6 +259,39 @@ def nan_on_one_rank(rank: int) -> dict[str, Any]:
         torch.equal(p, q) for p, q in zip(model.parameters(), start, strict=True)
     )
     out["scale"] = scaler.get_scale()
+    return out
+
+
+def clipped(rank: int | None, layout: Any) -> dict[str, Any]:
+    """LF-MLF and GEM clipped to a norm below their directions' (the norm is global)."""
+    out: dict[str, Any] = {}
+    for name in ("lfmlf", "gem"):
+        model = make_model()
+        net: nn.Module = model
+        local: Callable[[], AbstractContextManager[None]] = nullcontext
+        if layout is not None:
+            ddp = nn.parallel.DistributedDataParallel(model)
+            net, local = ddp, ddp.no_sync
+        inner = torch.optim.SGD(model.parameters(), lr=0.1)
+        if name == "gem":
+            opt: SurgeryOptimizer[Any] = GEMProjector(
+                inner, 0.1, constraints=T - 1, distributed=layout, max_grad_norm=0.05
+            )
+        else:
+            opt = ParetoLessForgetting(inner, T, distributed=layout, max_grad_norm=0.05)
+        norms = []
+        for step in range(STEPS):
+            x, y = batch(step, rank)
+            opt.zero_grad()
+            fill_rows(name, net, opt, x, y, local)
+            opt.step()
+            assert opt.last_grad_norm is not None
+            norms.append(opt.last_grad_norm.double())
+        out[name] = [full(p) for p in model.parameters()]
+        out[f"{name}/norms"] = norms
+        if isinstance(opt, ParetoLessForgetting):
+            out["accumulated"] = opt.accumulated().clone()
+            out["saved"] = dict(opt.state_dict()["gradsurgery"][-1]["accumulated"])
     return out
 
 
@@ -238,12 +303,17 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     try:
         results: dict[str, Any] = {}
         for name in NAMES:
-            results[f"ddp/{name}"] = train(name, "ddp", rank)
-            results[f"fsdp/{name}"] = train(name, "fsdp", rank)
-        for mode in ("ddp", "fsdp"):
-            for name in ("gem", "mgda"):
+            for mode in MODES:
+                if (mode, name) not in REFUSED:
+                    results[f"{mode}/{name}"] = train(name, mode, rank)
+        for mode in MODES:
+            for name in ("gem", "mgda", "lfmlf"):
                 results[f"traffic/{mode}/{name}"] = step_traffic(mode, name, rank)
-        results["nan"] = nan_on_one_rank(rank)
+        results["nan"] = nan_on_one_rank(rank, scatter=False)
+        results["nan/scatter"] = nan_on_one_rank(rank, scatter=True)
+        results["nan/scatter/last"] = nan_on_one_rank(rank, scatter=True, last_only=True)
+        results["clip/scatter"] = clipped(rank, Replicated(scatter=True))
+        results["clip/ddp"] = clipped(rank, Replicated())
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -271,8 +341,9 @@ def assert_close(actual: list[Tensor], expected: list[Tensor]) -> None:
         torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    ("mode", "name"), [(m, n) for m in MODES for n in NAMES if (m, n) not in REFUSED]
+)
 def test_every_rank_takes_the_single_process_step(ranks, mode, name):
     single = train(name, "single", None)
     for r in range(WORLD):
@@ -285,25 +356,79 @@ def test_every_rank_takes_the_single_process_step(ranks, mode, name):
     )
 
 
-def test_one_collective_per_step(ranks):
+def test_the_collectives_of_a_step(ranks):
     p = sum(q.numel() for q in make_model().parameters())
+    assert p % WORLD != 0  # the last rank's extra column is broadcast
+    even = p // WORLD * WORLD
     for r in range(WORLD):
         # DDP: the T - 1 constraint rows (GEM) or the T objective rows, in one all-reduce
-        assert ranks[r]["traffic/ddp/gem"] == [(T - 1) * p * 8]
-        assert ranks[r]["traffic/ddp/mgda"] == [T * p * 8]
+        assert ranks[r]["traffic/ddp/gem"] == [("all_reduce", (T - 1) * p * 8)]
+        assert ranks[r]["traffic/ddp/mgda"] == [("all_reduce", T * p * 8)]
+        assert ranks[r]["traffic/ddp/lfmlf"] == [("all_reduce", T * p * 8)]
         # FSDP: the (rows x rows) Gram only; GEM's has the task row too
-        assert ranks[r]["traffic/fsdp/gem"] == [T * T * 8]
-        assert ranks[r]["traffic/fsdp/mgda"] == [(T + 1) ** 2 * 8]
+        assert ranks[r]["traffic/fsdp/gem"] == [("all_reduce", T * T * 8)]
+        assert ranks[r]["traffic/fsdp/mgda"] == [("all_reduce", (T + 1) ** 2 * 8)]
+        assert ranks[r]["traffic/fsdp/lfmlf"] == [("all_reduce", (T + 2) ** 2 * 8)]
+        # DDP, scatter: one reduce-scatter per extra row, the Gram, the p-sized result
+        gather = [("all_gather_into_tensor", even * 8), ("broadcast", (p - even) * 8)]
+        for name, rows, gram in [("gem", T - 1, T), ("mgda", T, T + 1), ("lfmlf", T, T + 2)]:
+            expected = [("reduce_scatter", p * 8)] * rows + [("all_reduce", gram * gram * 8)]
+            assert ranks[r][f"traffic/scatter/{name}"] == expected + gather
+            # (t + 1) p values of rows against 2 t p for the all-reduce (in a ring, each
+            # times (W - 1) / W): the same for t = 1, 3/4 for t = 2
+            moved = sum(size for kind, size in ranks[r][f"traffic/scatter/{name}"])
+            assert moved == (rows + 1) * p * 8 + gram * gram * 8
 
 
-def test_nan_on_one_rank_stops_every_rank(ranks):
+@pytest.mark.parametrize("key", ["nan", "nan/scatter", "nan/scatter/last"])
+def test_nan_on_one_rank_stops_every_rank(ranks, key):
     for r in range(WORLD):
-        nan = ranks[r]["nan"]
+        nan = ranks[r][key]
         assert nan["raised"] and nan["unchanged"]
         assert nan["scaler_skipped"] and nan["scaler_unchanged"]
         assert nan["scale"] == 2.0**7
-    for p, q in zip(ranks[0]["nan"]["after"], ranks[1]["nan"]["after"], strict=True):
+    for p, q in zip(ranks[0][key]["after"], ranks[1][key]["after"], strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "scatter"])
+def test_clipping_and_the_accumulated_direction_are_global(ranks, mode):
+    single = clipped(None, None)
+    for r in range(WORLD):
+        got = ranks[r][f"clip/{mode}"]
+        for name in ("lfmlf", "gem"):
+            assert_close(got[name], single[name])
+            assert_close(got[f"{name}/norms"], single[f"{name}/norms"])
+            assert all(norm > 0.05 for norm in single[f"{name}/norms"])  # it clipped
+        # the whole accumulated direction, on every rank alike, in the saved state too
+        assert_close([got["accumulated"]], [single["accumulated"]])
+        assert got["saved"].keys() == single["saved"].keys()
+        assert_close(list(got["saved"].values()), list(single["saved"].values()))
+    a, b = ranks[0][f"clip/{mode}"], ranks[1][f"clip/{mode}"]
+    assert torch.equal(a["accumulated"], b["accumulated"])
+    assert all(torch.equal(a["saved"][k], b["saved"][k]) for k in a["saved"])
+
+
+def test_per_parameter_gradvac_refuses_the_scatter_layout():
+    model = make_model()
+    with pytest.raises(ValueError, match="granularity='model'"):
+        GradVac(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            T,
+            granularity="parameter",
+            distributed=Replicated(scatter=True),
+        )
+    assert all(p.grad is None for p in model.parameters())  # nothing was built
+
+
+@given(n=st.integers(0, 200), world=st.integers(1, 9))
+def test_shard_bounds_cover_every_column_once(n, world):
+    bounds = shard_bounds(n, world)
+    assert len(bounds) == world
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    for (lo, hi), (next_lo, _) in itertools.pairwise(bounds):
+        assert hi == next_lo and hi - lo == n // world
+    assert bounds[-1][1] - bounds[-1][0] == n - (world - 1) * (n // world)
 
 
 def test_a_bad_layout_is_refused_before_anything_is_built():

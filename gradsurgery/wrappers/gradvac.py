@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from gradsurgery.distributed import Distributed, broadcast_generator
+from gradsurgery.distributed import Distributed, broadcast_generator, scatters
 from gradsurgery.flat import GradientBank
 from gradsurgery.functional.gradvac import check_beta, gradvac_coefficients
 from gradsurgery.functional.pcgrad import conflict_orders
@@ -18,6 +18,12 @@ from gradsurgery.wrappers.multi import Decision, MultiObjectiveOptimizer
 from gradsurgery.wrappers.pcgrad import default_generator
 
 __all__ = ["GradVac"]
+
+PER_PARAMETER_SCATTER = (
+    "GradVac(granularity='parameter') does not run with Replicated(scatter=True): its "
+    "per-tensor Gram matrices would cross the ranks' column shards; use Replicated() "
+    "(one all-reduce of the rows) or granularity='model'"
+)
 
 Granularity = Literal["model", "parameter"]
 
@@ -71,6 +77,8 @@ class GradVac(MultiObjectiveOptimizer):
         check_beta(beta)
         if granularity not in ("model", "parameter"):
             raise ValueError(f"granularity must be 'model' or 'parameter', got {granularity!r}")
+        if granularity == "parameter" and scatters(distributed):
+            raise ValueError(PER_PARAMETER_SCATTER)
         generator = default_generator(generator)
         super().__init__(
             optimizer,

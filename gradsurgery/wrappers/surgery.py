@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from gradsurgery import distributed as _distributed
-from gradsurgery.distributed import Distributed
+from gradsurgery.distributed import Distributed, Rows, Sharded
 from gradsurgery.wrappers import amp, checks, clipping
 from gradsurgery.wrappers.routing import RoutingOptimizer
 
@@ -145,10 +145,24 @@ class SurgeryOptimizer(RoutingOptimizer, Generic[StatsT]):
         ``exact`` recomputes it without underflow (:func:`gradsurgery.gram.exact_gram`: two
         more passes), for the rare steps where :func:`gradsurgery.gram.underflow_suspected`.
         """
-        gram = self._bank.gram(exact=exact)
+        gram = self._rows.gram(exact=exact)
         if self.distributed is not None:
             gram = self.distributed.reduce_gram(gram)
         return gram
+
+    @property
+    def _rows(self) -> Rows:
+        """The rows the surgery reads: the bank, or this rank's columns of it (scatter)."""
+        return self._bank if self.distributed is None else self.distributed.shard(self._bank)
+
+    def _gather(self) -> None:
+        """Make row 0 whole on every rank once the surgery wrote its columns of it."""
+        if self.distributed is not None:
+            self.distributed.gather_row0(self._bank)
+
+    def _any_rank(self, flag: Tensor) -> Tensor:
+        """``flag`` (0-d bool) read from :attr:`_rows`, made true wherever any rank's is."""
+        return flag if self.distributed is None else self.distributed.any_rank(flag)
 
     def _surgery(self) -> StatsT:
         """Rewrite row 0 of the bank from the rows (subclasses); return the step's stats."""
@@ -183,9 +197,8 @@ class SurgeryOptimizer(RoutingOptimizer, Generic[StatsT]):
             stats = self._surgery()
             self.last_grad_norm = None
             if self.max_grad_norm is not None and not stats.skipped:
-                self.last_grad_norm = clipping.clip_(
-                    self._bank, self.max_grad_norm, self.distributed
-                )
+                sharded = self.distributed if isinstance(self.distributed, Sharded) else None
+                self.last_grad_norm = clipping.clip_(self._bank, self.max_grad_norm, sharded)
             self._pending = stats
         except BaseException:
             self._end_step()

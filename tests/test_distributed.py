@@ -295,6 +295,27 @@ def clipped(rank: int | None, layout: Any) -> dict[str, Any]:
     return out
 
 
+def overflow_in_one_rank_columns(rank: int) -> dict[str, Any]:
+    """fp16 GEM whose projection is Inf in the first rank's columns only (scatter).
+
+    ``g = (6e4, 6e4, 0)``, ``g_1 = (1, -3, 0)`` project to ``(Inf, 24000, 0)``: only the
+    first rank sees the Inf, and both must refuse the step.
+    """
+    w = nn.Parameter(torch.zeros(3, dtype=torch.float16))
+    opt = GEMProjector(
+        torch.optim.SGD([w], lr=1.0), 0.0, constraints=1, distributed=Replicated(scatter=True)
+    )
+    (w * torch.tensor([6e4, 6e4, 0.0], dtype=torch.float16)).sum().backward()  # alike on both
+    with opt.constraint():
+        (w * torch.tensor([1.0, -3.0, 0.0], dtype=torch.float16)).sum().backward()
+    try:
+        opt.step()
+        raised = ""
+    except NonFiniteGradientError as error:
+        raised = str(error)
+    return {"raised": raised, "unchanged": bool((w == 0).all())}
+
+
 def worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -312,6 +333,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         results["nan"] = nan_on_one_rank(rank, scatter=False)
         results["nan/scatter"] = nan_on_one_rank(rank, scatter=True)
         results["nan/scatter/last"] = nan_on_one_rank(rank, scatter=True, last_only=True)
+        results["overflow/scatter"] = overflow_in_one_rank_columns(rank)
         results["clip/scatter"] = clipped(rank, Replicated(scatter=True))
         results["clip/ddp"] = clipped(rank, Replicated())
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -407,6 +429,13 @@ def test_clipping_and_the_accumulated_direction_are_global(ranks, mode):
     a, b = ranks[0][f"clip/{mode}"], ranks[1][f"clip/{mode}"]
     assert torch.equal(a["accumulated"], b["accumulated"])
     assert all(torch.equal(a["saved"][k], b["saved"][k]) for k in a["saved"])
+
+
+def test_an_overflow_in_one_rank_columns_stops_every_rank(ranks):
+    assert shard_bounds(3, WORLD) == [(0, 1), (1, 3)]  # the Inf is in the first rank's
+    for r in range(WORLD):
+        assert "overflows the parameters' dtype" in ranks[r]["overflow/scatter"]["raised"]
+        assert ranks[r]["overflow/scatter"]["unchanged"]
 
 
 def test_per_parameter_gradvac_refuses_the_scatter_layout():

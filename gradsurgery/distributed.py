@@ -57,6 +57,15 @@ __all__ = [
 ]
 
 
+SCATTER_FROM = 2
+"""From how many averaged rows ``Replicated()`` reduce-scatters.
+
+``(t + 1)·p`` values sent per rank instead of ``2t·p``: fewer from ``t = 2`` on; at
+``t = 1`` both send ``2p`` and the all-reduce is one collective instead of three
+(``docs/distributed.md``).
+"""
+
+
 @dataclass(frozen=True)
 class Replicated:
     r"""Data-parallel layout (DDP): each rank holds the whole gradient of its own batch.
@@ -73,12 +82,23 @@ class Replicated:
 
     Attributes:
         group: the process group to average over (default: the world).
-        scatter: reduce-scatter the rows and all-gather the result instead of one
-            all-reduce of the rows.
+        scatter: ``True``: reduce-scatter the rows and all-gather the result; ``False``:
+            one all-reduce of the rows; ``None`` (default): reduce-scatter from
+            :data:`SCATTER_FROM` (2) averaged rows on, where the wrapper can.
     """
 
     group: ProcessGroup | None = None
-    scatter: bool = False
+    scatter: bool | None = None
+
+    def resolved(self, rows: int, *, can_scatter: bool) -> Replicated:
+        """The layout with ``scatter`` decided for ``rows`` averaged rows.
+
+        ``scatter=None`` reduce-scatters from :data:`SCATTER_FROM` rows on, where the
+        wrapper can run on a rank's columns (every wrapper but per-parameter GradVac).
+        """
+        if self.scatter is not None:
+            return self
+        return Replicated(self.group, scatter=can_scatter and rows >= SCATTER_FROM)
 
     def average_rows(self, bank: GradientBank, rows: slice) -> None:
         """Average ``rows`` of every block of ``bank`` over the group, in place.
@@ -233,6 +253,10 @@ class Sharded:
         torch.distributed.all_reduce(gram, group=self.group)
         return gram
 
+    def resolved(self, rows: int, *, can_scatter: bool) -> Sharded:
+        """The layout itself: nothing to decide."""
+        return self
+
     def shard(self, bank: GradientBank) -> Rows:
         """The rows the surgery reads: the bank, which holds this rank's shards."""
         return bank
@@ -270,8 +294,8 @@ def check(distributed: object) -> None:
 
 
 def scatters(distributed: object) -> bool:
-    """Whether ``distributed`` is ``Replicated(scatter=True)``."""
-    return isinstance(distributed, Replicated) and distributed.scatter
+    """Whether ``distributed`` is ``Replicated(scatter=True)`` (asked for, not decided)."""
+    return isinstance(distributed, Replicated) and distributed.scatter is True
 
 
 def broadcast_generator(generator: torch.Generator, distributed: Distributed | None) -> None:

@@ -51,6 +51,8 @@ def build(name: str, opt: torch.optim.Optimizer, layout: Any, seed: int) -> Surg
     gen = torch.Generator().manual_seed(seed)
     if name == "gem":
         return GEMProjector(opt, 0.1, constraints=T - 1, distributed=layout)
+    if name == "gem1":
+        return GEMProjector(opt, 0.1, constraints=1, distributed=layout)
     if name == "uniform":
         return Uniform(opt, T, distributed=layout)
     if name == "pcgrad":
@@ -66,7 +68,8 @@ def build(name: str, opt: torch.optim.Optimizer, layout: Any, seed: int) -> Surg
 
 
 NAMES = ["gem", "uniform", "pcgrad", "gradvac", "gradvac_param", "mgda", "lfmlf"]
-MODES = ["ddp", "scatter", "fsdp"]
+MODES = ["ddp", "scatter", "auto", "fsdp"]
+SCATTER = {"ddp": False, "scatter": True, "auto": None}  # Replicated(scatter=...)
 REFUSED = {("scatter", "gradvac_param")}  # refused at construction (see the test below)
 
 
@@ -101,9 +104,9 @@ def fill_rows(
 ) -> None:
     """One step's backward passes; ``poison`` multiplies that row's loss by NaN."""
     scale = [float("nan") if k == poison else 1.0 for k in range(T)]
-    if name == "gem":
+    if name.startswith("gem"):
         (scale[0] * loss(net, x[0], y[0])).backward()  # DDP averages .grad itself
-        for k in range(1, T):
+        for k in range(1, 1 + len(opt.row_names)):
             with opt.constraint(k - 1), local():  # type: ignore[attr-defined]
                 (scale[k] * loss(net, x[k], y[k])).backward()
         return
@@ -127,9 +130,9 @@ def train(name: str, mode: str, rank: int | None) -> list[Tensor]:
     net: nn.Module = model
     layout: Any = None
     local: Callable[[], AbstractContextManager[None]] = nullcontext
-    if mode in ("ddp", "scatter"):
+    if mode in SCATTER:
         ddp = nn.parallel.DistributedDataParallel(model)
-        net, layout, local = ddp, Replicated(scatter=mode == "scatter"), ddp.no_sync
+        net, layout, local = ddp, Replicated(scatter=SCATTER[mode]), ddp.no_sync
     elif mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -182,9 +185,9 @@ def step_traffic(mode: str, name: str, rank: int) -> list[tuple[str, int]]:
     layout: Any
     local: Callable[[], AbstractContextManager[None]]
     net: nn.Module
-    if mode in ("ddp", "scatter"):
+    if mode in SCATTER:
         ddp = nn.parallel.DistributedDataParallel(model)
-        net, layout, local = ddp, Replicated(scatter=mode == "scatter"), ddp.no_sync
+        net, layout, local = ddp, Replicated(scatter=SCATTER[mode]), ddp.no_sync
     else:
         from torch.distributed.fsdp import fully_shard
 
@@ -199,7 +202,7 @@ def step_traffic(mode: str, name: str, rank: int) -> list[tuple[str, int]]:
     return log
 
 
-def nan_on_one_rank(rank: int, scatter: bool, last_only: bool = False) -> dict[str, Any]:
+def nan_on_one_rank(rank: int, scatter: bool | None, last_only: bool = False) -> dict[str, Any]:
     """Rank 1 poisons a constraint: both ranks raise, nothing changes, then both go on.
 
     ``last_only``: under the GradScaler, only the last parameter's gradient is NaN, in the
@@ -330,12 +333,15 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         for mode in MODES:
             for name in ("gem", "mgda", "lfmlf"):
                 results[f"traffic/{mode}/{name}"] = step_traffic(mode, name, rank)
+        for name in ("gem1", "gradvac_param"):
+            results[f"traffic/auto/{name}"] = step_traffic("auto", name, rank)
         results["nan"] = nan_on_one_rank(rank, scatter=False)
+        results["nan/auto"] = nan_on_one_rank(rank, scatter=None)
         results["nan/scatter"] = nan_on_one_rank(rank, scatter=True)
         results["nan/scatter/last"] = nan_on_one_rank(rank, scatter=True, last_only=True)
         results["overflow/scatter"] = overflow_in_one_rank_columns(rank)
         results["clip/scatter"] = clipped(rank, Replicated(scatter=True))
-        results["clip/ddp"] = clipped(rank, Replicated())
+        results["clip/ddp"] = clipped(rank, Replicated(scatter=False))
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -400,9 +406,15 @@ def test_the_collectives_of_a_step(ranks):
             # times (W - 1) / W): the same for t = 1, 3/4 for t = 2
             moved = sum(size for kind, size in ranks[r][f"traffic/scatter/{name}"])
             assert moved == (rows + 1) * p * 8 + gram * gram * 8
+            # Replicated(): the reduce-scatter from two averaged rows on
+            assert ranks[r][f"traffic/auto/{name}"] == expected + gather
+        # ... one all-reduce for one row (2p values either way, one collective instead of
+        # three), and for per-parameter GradVac, which cannot run on a rank's columns
+        assert ranks[r]["traffic/auto/gem1"] == [("all_reduce", p * 8)]
+        assert ranks[r]["traffic/auto/gradvac_param"] == [("all_reduce", T * p * 8)]
 
 
-@pytest.mark.parametrize("key", ["nan", "nan/scatter", "nan/scatter/last"])
+@pytest.mark.parametrize("key", ["nan", "nan/scatter", "nan/scatter/last", "nan/auto"])
 def test_nan_on_one_rank_stops_every_rank(ranks, key):
     for r in range(WORLD):
         nan = ranks[r][key]

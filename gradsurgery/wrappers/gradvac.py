@@ -116,14 +116,19 @@ class GradVac(MultiObjectiveOptimizer):
             K = gram[rows, rows]
         else:
             K = self._bank.segment_gram(rows)
-            if self.distributed is not None:
-                K = self.distributed.reduce_gram(K)
+            layout = self._layout
+            if layout is not None:
+                K = layout.reduce_gram(K)
         orders = conflict_orders(len(self.row_names), self.generator)
         C, self._next_targets = gradvac_coefficients(K, self.targets, orders, self.beta)
         return Decision(C.sum(dim=-2), K)
 
     def _after_apply(self) -> None:
         self.targets = self._next_targets
+
+    @property
+    def _can_scatter(self) -> bool:
+        return self.granularity == "model"
 
     def _extra_state(self) -> dict[str, Any]:
         state = {**super()._extra_state(), "generator": self.generator.get_state()}

@@ -146,23 +146,37 @@ class SurgeryOptimizer(RoutingOptimizer, Generic[StatsT]):
         more passes), for the rare steps where :func:`gradsurgery.gram.underflow_suspected`.
         """
         gram = self._rows.gram(exact=exact)
-        if self.distributed is not None:
-            gram = self.distributed.reduce_gram(gram)
-        return gram
+        layout = self._layout
+        return gram if layout is None else layout.reduce_gram(gram)
 
     @property
     def _rows(self) -> Rows:
         """The rows the surgery reads: the bank, or this rank's columns of it (scatter)."""
-        return self._bank if self.distributed is None else self.distributed.shard(self._bank)
+        layout = self._layout
+        return self._bank if layout is None else layout.shard(self._bank)
 
     def _gather(self) -> None:
         """Make row 0 whole on every rank once the surgery wrote its columns of it."""
-        if self.distributed is not None:
-            self.distributed.gather_row0(self._bank)
+        layout = self._layout
+        if layout is not None:
+            layout.gather_row0(self._bank)
 
     def _any_rank(self, flag: Tensor) -> Tensor:
         """``flag`` (0-d bool) read from :attr:`_rows`, made true wherever any rank's is."""
-        return flag if self.distributed is None else self.distributed.any_rank(flag)
+        layout = self._layout
+        return flag if layout is None else layout.any_rank(flag)
+
+    @property
+    def _layout(self) -> Distributed | None:
+        """:attr:`distributed` with ``Replicated(scatter=None)`` decided for these rows."""
+        if self.distributed is None:
+            return None
+        return self.distributed.resolved(len(self.row_names), can_scatter=self._can_scatter)
+
+    @property
+    def _can_scatter(self) -> bool:
+        """Whether the surgery can run on a rank's columns (``Replicated(scatter=True)``)."""
+        return True
 
     def _surgery(self) -> StatsT:
         """Rewrite row 0 of the bank from the rows (subclasses); return the step's stats."""
@@ -188,8 +202,9 @@ class SurgeryOptimizer(RoutingOptimizer, Generic[StatsT]):
             self._check_not_broken()
             self._sync_bank()
             self._bank.repair()
-            if self.distributed is not None and not self._reduced:
-                self.distributed.average_rows(self._bank, slice(1, 1 + len(self.row_names)))
+            layout = self._layout
+            if layout is not None and not self._reduced:
+                layout.average_rows(self._bank, slice(1, 1 + len(self.row_names)))
                 self._reduced = True
             self._step_scaler = scaler if amp.enabled(scaler) else None
             if self._step_scaler is not None:

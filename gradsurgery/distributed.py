@@ -45,16 +45,7 @@ if TYPE_CHECKING:
 
     from gradsurgery.flat import GradientBank
 
-__all__ = [
-    "ColumnShard",
-    "Distributed",
-    "Replicated",
-    "Rows",
-    "Sharded",
-    "check",
-    "scatters",
-    "shard_bounds",
-]
+__all__ = ["SCATTER_FROM", "Distributed", "Replicated", "Sharded", "check"]
 
 
 SCATTER_FROM = 2

@@ -319,6 +319,31 @@ def overflow_in_one_rank_columns(rank: int) -> dict[str, Any]:
     return {"raised": raised, "unchanged": bool((w == 0).all())}
 
 
+def tiny(rank: int | None, layout: Any) -> dict[str, Any]:
+    """GEM on gradients scaled by 1e-150: the underflow test asks for the exact Gram matrix.
+
+    Returns the projected gradient scaled back, and the collectives of the step.
+    """
+    model = make_model()
+    net: nn.Module = model
+    local: Callable[[], AbstractContextManager[None]] = nullcontext
+    if layout is not None:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        net, local = ddp, ddp.no_sync
+    opt = GEMProjector(
+        torch.optim.SGD(model.parameters(), lr=0.1), 0.1, constraints=T - 1, distributed=layout
+    )
+    x, y = batch(0, rank)
+    (1e-150 * loss(net, x[0], y[0])).backward()
+    for k in range(1, T):
+        with opt.constraint(k - 1), local():
+            (1e-150 * loss(net, x[k], y[k])).backward()
+    log: list[tuple[str, int]] = []
+    with counting_collectives(log):
+        opt.apply_surgery()
+    return {"grad": [p.grad * 1e150 for p in model.parameters()], "collectives": log}
+
+
 def worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -340,6 +365,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         results["nan/scatter"] = nan_on_one_rank(rank, scatter=True)
         results["nan/scatter/last"] = nan_on_one_rank(rank, scatter=True, last_only=True)
         results["overflow/scatter"] = overflow_in_one_rank_columns(rank)
+        results["tiny/scatter"] = tiny(rank, Replicated(scatter=True))
         results["clip/scatter"] = clipped(rank, Replicated(scatter=True))
         results["clip/ddp"] = clipped(rank, Replicated(scatter=False))
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -448,6 +474,29 @@ def test_an_overflow_in_one_rank_columns_stops_every_rank(ranks):
     for r in range(WORLD):
         assert "overflows the parameters' dtype" in ranks[r]["overflow/scatter"]["raised"]
         assert ranks[r]["overflow/scatter"]["unchanged"]
+
+
+def test_the_underflow_rescue_takes_the_exact_gram_on_every_rank(ranks):
+    single = tiny(None, None)
+    p = sum(q.numel() for q in make_model().parameters())
+    for r in range(WORLD):
+        got = ranks[r]["tiny/scatter"]
+        for a, e in zip(got["grad"], single["grad"], strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=0)
+        # the Gram matrix twice (the second exact), on both ranks alike
+        kinds = [kind for kind, _ in got["collectives"]]
+        assert kinds == ["reduce_scatter"] * (T - 1) + ["all_reduce"] * 2 + [
+            "all_gather_into_tensor",
+            "broadcast",
+        ]
+        assert got["collectives"][-2:] == [
+            ("all_gather_into_tensor", (p - 1) * 8),
+            ("broadcast", 8),
+        ]
+    for a, b in zip(
+        ranks[0]["tiny/scatter"]["grad"], ranks[1]["tiny/scatter"]["grad"], strict=True
+    ):
+        assert torch.equal(a, b)
 
 
 def test_per_parameter_gradvac_refuses_the_scatter_layout():

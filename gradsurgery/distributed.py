@@ -1,14 +1,16 @@
 r"""Gradient surgery across processes: data-parallel (DDP) and sharded (FSDP2) training.
 
 Every wrapper takes ``distributed=`` one of two layouts; both make every rank apply the
-identical update, and neither gathers full gradients.
+identical update.
 
 :class:`Replicated` (``DistributedDataParallel``): every rank holds the whole gradient of
 its own batch. DDP averages ``.grad`` (row 0) during the task's backward pass; the extra
 rows (constraints, objectives) are filled under ``ddp_model.no_sync()`` and the wrapper
-averages them itself, in **one** all-reduce over the contiguous ``(t, p)`` block, before
-the surgery. Each rank then holds the gradients one process would have on the union of
-the batches, and computes the same step from the same numbers.
+averages them itself before the surgery: in **one** all-reduce over the contiguous
+``(t, p)`` block, after which each rank holds the gradients one process would have on the
+union of the batches and computes the same step from the same numbers; or, from two rows
+on, by a reduce-scatter of each row, the sharded protocol below on each rank's columns,
+and one all-gather of the rewritten ``.grad`` (fewer bytes; see :class:`Replicated`).
 
 :class:`Sharded` (FSDP2's ``fully_shard``, or any layout where each rank holds a disjoint
 part of every gradient, already reduced across the data-parallel ranks): the surgery
@@ -24,7 +26,7 @@ each writes the combination into its own shard.
 
 NaN and Inf reach every rank through these reductions (a non-finite value anywhere makes
 the reduced rows, or the reduced Gram matrix, non-finite everywhere), so every rank skips
-(under a GradScaler) or raises identically, with no further collective. Random orders
+(under a GradScaler) or raises identically. Random orders
 (PCGrad, GradVac) are drawn from a generator whose state is broadcast from the group's
 first rank when the wrapper is built.
 """

@@ -341,7 +341,8 @@ def tiny(rank: int | None, layout: Any) -> dict[str, Any]:
     log: list[tuple[str, int]] = []
     with counting_collectives(log):
         opt.apply_surgery()
-    return {"grad": [p.grad * 1e150 for p in model.parameters()], "collectives": log}
+    grads = [p.grad for p in model.parameters()]
+    return {"grad": [g * 1e150 for g in grads if g is not None], "collectives": log}
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:

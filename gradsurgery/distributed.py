@@ -96,10 +96,12 @@ class Replicated:
     def average_rows(self, bank: GradientBank, rows: slice) -> None:
         """Average ``rows`` of every block of ``bank`` over the group, in place.
 
-        ``scatter=False``: one all-reduce per dtype block. ``scatter=True``: one
-        reduce-scatter per row and block, after which only this rank's columns
-        (:meth:`shard`) hold the average. The rows are divided by the group's size before
-        the sum, as DDP does, so no row overflows.
+        ``scatter=False``: one all-reduce per dtype block. ``scatter=True``: one in-place
+        reduce-scatter per row and block of its ``world·⌊p/world⌋`` evenly sharded columns,
+        and, when ``p`` is not a multiple of the group's size, one all-reduce of the rows'
+        ``p mod world`` remaining columns (copied out: fewer than ``world`` per row); then
+        only this rank's columns (:meth:`shard`) hold the average. The rows are divided by
+        the group's size before the sum, as DDP does, so no row overflows.
         """
         world = torch.distributed.get_world_size(self.group)
         rank = torch.distributed.get_rank(self.group)
@@ -109,10 +111,17 @@ class Replicated:
             if not self.scatter:
                 torch.distributed.all_reduce(part, group=self.group)
                 continue
-            bounds = shard_bounds(block.shape[1], world)
-            for row in part:
-                chunks = [row[lo:hi] for lo, hi in bounds]
-                torch.distributed.reduce_scatter(chunks[rank], chunks, group=self.group)
+            even = block.shape[1] // world
+            if even > 0:
+                for row in part:
+                    mine = row[rank * even : (rank + 1) * even]
+                    torch.distributed.reduce_scatter_tensor(
+                        mine, row[: world * even], group=self.group
+                    )
+            if world * even < block.shape[1] and part.shape[0] > 0:
+                tail = part[:, world * even :].contiguous()
+                torch.distributed.all_reduce(tail, group=self.group)
+                part[:, world * even :].copy_(tail)
 
     def reduce_gram(self, gram: Tensor) -> Tensor:
         """The Gram matrix of the whole gradients (summed over the column shards if ``scatter``)."""

@@ -150,22 +150,22 @@ def train(name: str, mode: str, rank: int | None) -> list[Tensor]:
     return [full(p) for p in model.parameters()]
 
 
-COLLECTIVES = ["all_reduce", "reduce_scatter", "all_gather_into_tensor", "broadcast"]
+COLLECTIVES = ["all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast"]
 
 
 @contextmanager
 def counting_collectives(log: list[tuple[str, int]]) -> Iterator[None]:
     """Record every collective issued inside: its name and the bytes of its whole tensor.
 
-    The whole tensor: what is all-reduced, the row a reduce-scatter splits (the sum of its
-    inputs), the row an all-gather fills, what is broadcast.
+    The whole tensor: what is all-reduced, the row a reduce-scatter splits (its input),
+    the row an all-gather fills, what is broadcast.
     """
     originals = {name: getattr(dist, name) for name in COLLECTIVES}
 
     def counting(name: str) -> Callable[..., Any]:
         def counted(first: Any, *args: Any, **kwargs: Any) -> Any:
-            tensors = args[0] if name == "reduce_scatter" else [first]
-            log.append((name, sum(t.numel() * t.element_size() for t in tensors)))
+            tensor = args[0] if name == "reduce_scatter_tensor" else first  # its input
+            log.append((name, tensor.numel() * tensor.element_size()))
             return originals[name](first, *args, **kwargs)
 
         return counted
@@ -427,7 +427,9 @@ def test_the_collectives_of_a_step(ranks):
         # DDP, scatter: one reduce-scatter per extra row, the Gram, the p-sized result
         gather = [("all_gather_into_tensor", even * 8), ("broadcast", (p - even) * 8)]
         for name, rows, gram in [("gem", T - 1, T), ("mgda", T, T + 1), ("lfmlf", T, T + 2)]:
-            expected = [("reduce_scatter", p * 8)] * rows + [("all_reduce", gram * gram * 8)]
+            expected = [("reduce_scatter_tensor", even * 8)] * rows  # each row, in place
+            expected += [("all_reduce", rows * (p - even) * 8)]  # the rows' 31st columns
+            expected += [("all_reduce", gram * gram * 8)]
             assert ranks[r][f"traffic/scatter/{name}"] == expected + gather
             # (t + 1) p values of rows against 2 t p for the all-reduce (in a ring, each
             # times (W - 1) / W): the same for t = 1, 3/4 for t = 2
@@ -484,9 +486,9 @@ def test_the_underflow_rescue_takes_the_exact_gram_on_every_rank(ranks):
         got = ranks[r]["tiny/scatter"]
         for a, e in zip(got["grad"], single["grad"], strict=True):
             torch.testing.assert_close(a, e, rtol=1e-12, atol=0)
-        # the Gram matrix twice (the second exact), on both ranks alike
+        # the last columns, then the Gram matrix twice (the second exact), on both ranks
         kinds = [kind for kind, _ in got["collectives"]]
-        assert kinds == ["reduce_scatter"] * (T - 1) + ["all_reduce"] * 2 + [
+        assert kinds == ["reduce_scatter_tensor"] * (T - 1) + ["all_reduce"] * 3 + [
             "all_gather_into_tensor",
             "broadcast",
         ]

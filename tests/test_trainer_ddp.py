@@ -117,7 +117,7 @@ def split_steps(log: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
     starts = [
         i
         for i, (kind, _) in enumerate(log)
-        if kind == "reduce_scatter" and (i == 0 or log[i - 1][0] != "reduce_scatter")
+        if kind == "reduce_scatter_tensor" and (i == 0 or log[i - 1][0] != kind)
     ]
     return [log[a:b] for a, b in zip(starts, [*starts[1:], len(log)], strict=True)]
 
@@ -132,7 +132,8 @@ def test_the_rows_are_reduce_scattered_and_ddp_only_averages_the_task(
     assert p % 2 == 1  # the last rank's extra column is broadcast
     for dtype, size in (("float32", 4), ("float64", 8)):
         # Replicated() from two rows on: (rows + 1) p values instead of 2 rows p
-        rows_and_gram = [("reduce_scatter", p * size)] * rows + [("all_reduce", gram * gram * 8)]
+        rows_and_gram = [("reduce_scatter_tensor", (p - 1) * size)] * rows  # each row, in place
+        rows_and_gram += [("all_reduce", rows * size), ("all_reduce", gram * gram * 8)]
         result = [("all_gather_into_tensor", (p - 1) * size), ("broadcast", size)]
         for rank in ranks:
             steps = split_steps(rank[f"{name}/{dtype}/collectives"])
@@ -180,7 +181,7 @@ def test_accelerate_launch_runs_the_same_steps_and_a_usage_error_stops_the_job(
     ranks = saved(tmp_path)  # GEM ran, then rank 1 alone made a usage error
     assert_same(ranks[0]["gem/float32"], ranks[1]["gem/float32"])
     assert max_difference(ranks[0]["gem/float32"], single["gem/float32"]) < 1e-6
-    task = ranks[0]["gem/float32/collectives"][0][1]  # 4p bytes: a constraint row
+    task = 4 * sum(value.numel() for value in ranks[0]["gem/float32"].values())  # 4p bytes
     assert ranks[0]["gem/float32/ddp_bytes"] == [task] * STEPS
     # the job ends at once, with rank 1's message and rank 1 as the root cause; rank 0,
     # waiting in a collective, is stopped by the launcher instead of timing out

@@ -219,22 +219,22 @@ def watch(trainer: SurgeryTrainer) -> Watch:
     return found[0]
 
 
-COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather_into_tensor", "broadcast")
+COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast")
 
 
 @contextmanager
 def counting_collectives(log: list[tuple[str, int]]) -> Iterator[None]:
     """Record every collective the library issues: its name and its whole tensor's bytes.
 
-    The whole tensor: what is all-reduced, the row a reduce-scatter splits (the sum of its
-    inputs), the row an all-gather fills, what is broadcast.
+    The whole tensor: what is all-reduced, the row a reduce-scatter splits (its input),
+    the row an all-gather fills, what is broadcast.
     """
     originals = {name: getattr(dist, name) for name in COLLECTIVES}
 
     def counting(name: str) -> Any:
         def counted(first: Any, *args: Any, **kwargs: Any) -> Any:
-            tensors = args[0] if name == "reduce_scatter" else [first]
-            log.append((name, sum(t.numel() * t.element_size() for t in tensors)))
+            tensor = args[0] if name == "reduce_scatter_tensor" else first  # its input
+            log.append((name, tensor.numel() * tensor.element_size()))
             return originals[name](first, *args, **kwargs)
 
         return counted

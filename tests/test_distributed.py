@@ -345,6 +345,34 @@ def tiny(rank: int | None, layout: Any) -> dict[str, Any]:
     return {"grad": [g * 1e150 for g in grads if g is not None], "collectives": log}
 
 
+def opposite_huge_gradients(rank: int) -> dict[str, Any]:
+    """A GradScaler below 1: rank 0's and rank 1's huge gradients cancel in the average.
+
+    The constraint's second entry is ``±1e330`` on ranks 0 and 1 (stored scaled by
+    ``2^-100``: finite): its average is 0, while rank 0's own value, unscaled, would not be
+    finite. The second column is rank 1's (``p = 3``); only the averaged columns are
+    unscaled and read, so both ranks step alike, as one process would.
+    """
+    w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**-100)
+    opt = GEMProjector(
+        torch.optim.SGD([w], lr=1.0),
+        0.0,
+        constraints=1,
+        grad_scaler=scaler,
+        distributed=Replicated(scatter=True),
+    )
+    scaler.scale((w * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum()).backward()
+    sign = 1.0 if rank == 0 else -1.0
+    huge = torch.tensor([0.0, sign * 1e130, 0.0], dtype=torch.float64)
+    with opt.constraint():
+        scaler.scale(1e200 * (w * huge).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert opt.last_stats is not None
+    return {"skipped": opt.last_stats.skipped, "scale": scaler.get_scale(), "w": w.detach()}
+
+
 def worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -367,6 +395,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         results["nan/scatter/last"] = nan_on_one_rank(rank, scatter=True, last_only=True)
         results["overflow/scatter"] = overflow_in_one_rank_columns(rank)
         results["tiny/scatter"] = tiny(rank, Replicated(scatter=True))
+        results["huge/scatter"] = opposite_huge_gradients(rank)
         results["clip/scatter"] = clipped(rank, Replicated(scatter=True))
         results["clip/ddp"] = clipped(rank, Replicated(scatter=False))
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -500,6 +529,13 @@ def test_the_underflow_rescue_takes_the_exact_gram_on_every_rank(ranks):
         ranks[0]["tiny/scatter"]["grad"], ranks[1]["tiny/scatter"]["grad"], strict=True
     ):
         assert torch.equal(a, b)
+
+
+def test_a_gradscaler_reads_only_the_averaged_columns(ranks):
+    for r in range(WORLD):
+        huge = ranks[r]["huge/scatter"]
+        assert not huge["skipped"] and huge["scale"] == 2.0**-100
+        assert torch.equal(huge["w"], -torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
 
 
 def test_per_parameter_gradvac_refuses_the_scatter_layout():

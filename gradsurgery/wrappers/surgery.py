@@ -112,9 +112,12 @@ class SurgeryOptimizer(RoutingOptimizer, Generic[StatsT]):
     @property
     def _scaler_rows(self) -> amp.RowsForScaler:
         """The extra rows as ``GradScaler.unscale_`` sees them (rebuilt with the bank)."""
+        source = self._rows
+        columns = None if source is self._bank else source.blocks
         rows = self._rows_for_scaler
-        if rows is None or rows.bank is not self._bank:
-            rows = self._rows_for_scaler = amp.RowsForScaler(self._bank, len(self.row_names))
+        if rows is None or rows.bank is not self._bank or rows.sharded != (columns is not None):
+            rows = amp.RowsForScaler(self._bank, len(self.row_names), columns)
+            self._rows_for_scaler = rows
         return rows
 
     # -- the step ------------------------------------------------------------------------

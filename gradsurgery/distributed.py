@@ -278,7 +278,8 @@ def check(distributed: object) -> None:
     """Raise unless ``distributed`` is ``None`` or a layout usable in this process.
 
     Raises:
-        TypeError: not ``None``, :class:`Replicated` or :class:`Sharded`.
+        TypeError: not ``None``, :class:`Replicated` or :class:`Sharded`, or a
+            ``Replicated`` whose ``scatter`` is not ``True``, ``False`` or ``None``.
         RuntimeError: the default process group is not initialised.
     """
     if distributed is None:
@@ -287,6 +288,12 @@ def check(distributed: object) -> None:
         raise TypeError(
             "distributed must be None, gradsurgery.distributed.Replicated(group) or "
             f"gradsurgery.distributed.Sharded(group), got {type(distributed).__name__}"
+        )
+    scatter: object = distributed.scatter if isinstance(distributed, Replicated) else None
+    if not (scatter is None or isinstance(scatter, bool)):
+        raise TypeError(
+            "Replicated(scatter=...) must be True, False or None (the default: decided by "
+            f"the number of rows), got {scatter!r}"
         )
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise RuntimeError(

@@ -564,6 +564,9 @@ def test_a_bad_layout_is_refused_before_anything_is_built():
     model = make_model()
     with pytest.raises(TypeError, match="Replicated"):
         GEMProjector(torch.optim.SGD(model.parameters(), lr=0.1), margin=0.0, distributed="ddp")
+    with pytest.raises(TypeError, match="must be True, False or None"):
+        Uniform(torch.optim.SGD(model.parameters(), lr=0.1), 2, distributed=Replicated(None, 1))
+    assert all(p.grad is None for p in model.parameters())
     if not dist.is_initialized():
         with pytest.raises(RuntimeError, match="init_process_group"):
             PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), 2, distributed=Sharded())

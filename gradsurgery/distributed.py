@@ -224,11 +224,16 @@ class ColumnShard:
         self.device = bank.device
 
     def gram(self, *, exact: bool = False) -> Tensor:
-        """The partial ``(rows, rows)`` Gram matrix of these columns, in float64."""
+        """The partial ``(rows, rows)`` Gram matrix of these columns, in float64.
+
+        A block may have no column here (fewer columns than ranks): it adds nothing.
+        """
         of = _gram.exact_gram if exact else _gram.gram
-        total = of(self.blocks[0])
-        for block in self.blocks[1:]:
-            total = total + of(block)
+        rows = self.blocks[0].shape[0]
+        total = torch.zeros(rows, rows, dtype=torch.float64, device=self.device)
+        for block in self.blocks:
+            if block.shape[1] > 0:
+                total = total + of(block)
         return total
 
     def combine_(self, weights: Tensor, *, accumulate: bool, rows: slice = slice(1, None)) -> None:

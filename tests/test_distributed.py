@@ -373,6 +373,23 @@ def opposite_huge_gradients(rank: int) -> dict[str, Any]:
     return {"skipped": opt.last_stats.skipped, "scale": scaler.get_scale(), "w": w.detach()}
 
 
+def one_column(rank: int | None, layout: Any) -> Tensor:
+    """GEM on a one-entry parameter (fewer columns than ranks), tiny gradients: ``.grad``.
+
+    Rank 0 holds no column: its Gram matrix (exact, for the tiny values) is zero.
+    """
+    w = nn.Parameter(torch.ones(1, dtype=torch.float64))
+    opt = GEMProjector(torch.optim.SGD([w], lr=0.1), 0.0, constraints=T - 1, distributed=layout)
+    half = 0.0 if rank is None else float(rank) - 0.5  # the ranks' halves average to 0
+    (1e-150 * (w * 3.0).sum()).backward()
+    for k in range(1, T):
+        with opt.constraint(k - 1):
+            (1e-150 * (w * (half - k)).sum()).backward()
+    opt.apply_surgery()
+    assert w.grad is not None
+    return w.grad * 1e150
+
+
 def worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -396,6 +413,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         results["overflow/scatter"] = overflow_in_one_rank_columns(rank)
         results["tiny/scatter"] = tiny(rank, Replicated(scatter=True))
         results["huge/scatter"] = opposite_huge_gradients(rank)
+        results["one_column/scatter"] = one_column(rank, Replicated(scatter=True))
         results["clip/scatter"] = clipped(rank, Replicated(scatter=True))
         results["clip/ddp"] = clipped(rank, Replicated(scatter=False))
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -536,6 +554,14 @@ def test_a_gradscaler_reads_only_the_averaged_columns(ranks):
         huge = ranks[r]["huge/scatter"]
         assert not huge["skipped"] and huge["scale"] == 2.0**-100
         assert torch.equal(huge["w"], -torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+
+
+def test_fewer_columns_than_ranks(ranks):
+    single = one_column(None, None)
+    assert single.item() < 3.0  # the constraint projected the task gradient
+    for r in range(WORLD):
+        torch.testing.assert_close(ranks[r]["one_column/scatter"], single, rtol=1e-12, atol=0)
+    assert torch.equal(ranks[0]["one_column/scatter"], ranks[1]["one_column/scatter"])
 
 
 def test_per_parameter_gradvac_refuses_the_scatter_layout():

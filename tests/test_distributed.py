@@ -21,13 +21,14 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 from torch.multiprocessing.spawn import start_processes
 
 from gradsurgery import GEMProjector, GradVac, PCGrad, Uniform
-from gradsurgery.distributed import Replicated, Sharded, shard_bounds
+from gradsurgery.distributed import ColumnShard, Replicated, Sharded, shard_bounds
+from gradsurgery.flat import GradientBank
 from tests.distributed_cases import (
     MODES,
     NAMES,
@@ -240,6 +241,36 @@ def test_shard_bounds_cover_every_column_once(n, world):
     for (lo, hi), (next_lo, _) in itertools.pairwise(bounds):
         assert hi == next_lo and hi - lo == n // world
     assert bounds[-1][1] - bounds[-1][0] == n - (world - 1) * (n // world)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    rows=st.integers(1, 4),
+    world=st.integers(1, 5),
+    scale=st.sampled_from([1e-20, 1.0, 1e15]),  # within fp32
+    seed=st.integers(0, 2**16),
+)
+def test_the_column_shards_add_up_to_the_bank(sizes, rows, world, scale, seed):
+    """Over the ranks, the shards' Gram matrices sum to the bank's, exact ones too, and
+    each shard's combination is the bank's on its columns (fp32 and fp64 blocks)."""
+    gen = torch.Generator().manual_seed(seed)
+    dtypes = [torch.float64, torch.float32]
+    params = [torch.zeros(n, dtype=dtypes[i % 2], requires_grad=True) for i, n in enumerate(sizes)]
+    bank = GradientBank(params, 1 + rows)
+    for block in bank.blocks:
+        block.copy_(torch.randn(block.shape, generator=gen, dtype=torch.float64) * scale)
+    weights = torch.randn(rows, generator=gen, dtype=torch.float64)
+    whole = [block[0].clone() for block in bank.blocks]
+    for block, row in zip(bank.blocks, whole, strict=True):
+        row += weights.to(block.dtype) @ block[1:]
+    for exact in (False, True):
+        shards = [ColumnShard(bank, world, rank).gram(exact=exact) for rank in range(world)]
+        torch.testing.assert_close(sum(shards), bank.gram(exact=exact), rtol=1e-6, atol=0)
+    for rank in range(world):
+        ColumnShard(bank, world, rank).combine_(weights, accumulate=True)
+    for block, row in zip(bank.blocks, whole, strict=True):
+        torch.testing.assert_close(block[0], row, rtol=1e-5, atol=0)
 
 
 def test_a_bad_layout_is_refused_before_anything_is_built():

@@ -266,11 +266,14 @@ def test_the_column_shards_add_up_to_the_bank(sizes, rows, world, scale, seed):
         row += weights.to(block.dtype) @ block[1:]
     for exact in (False, True):
         shards = [ColumnShard(bank, world, rank).gram(exact=exact) for rank in range(world)]
-        torch.testing.assert_close(sum(shards), bank.gram(exact=exact), rtol=1e-6, atol=0)
+        expected = bank.gram(exact=exact)  # fp32 sums cancel: tolerance from the magnitudes
+        torch.testing.assert_close(
+            sum(shards), expected, rtol=1e-5, atol=1e-5 * sum(sizes) * scale**2
+        )
     for rank in range(world):
         ColumnShard(bank, world, rank).combine_(weights, accumulate=True)
     for block, row in zip(bank.blocks, whole, strict=True):
-        torch.testing.assert_close(block[0], row, rtol=1e-5, atol=0)
+        torch.testing.assert_close(block[0], row, rtol=1e-5, atol=1e-5 * rows * scale)
 
 
 def test_a_bad_layout_is_refused_before_anything_is_built():

@@ -123,7 +123,7 @@ def _best_kkt_point(K: np.ndarray, c: np.ndarray, rows_ge: np.ndarray) -> np.nda
                     if np.any(v < -1e-8 * scale) or np.any(rows_ge @ v < -1e-8 * scale):
                         continue
                     value = float(0.5 * v @ K @ v + c @ v)
-                    if value < best - 1e-12 * (1 + abs(best) if np.isfinite(best) else 1):
+                    if value < best - 1e-12 * (abs(best) if np.isfinite(best) else 1):
                         best, best_v = value, v
     assert best_v is not None
     w = np.maximum(best_v * a, 0.0)  # its least-squares solves meet w ≥ 0 to ~1e-7 only

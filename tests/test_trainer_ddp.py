@@ -112,15 +112,38 @@ def test_a_wrapper_built_for_another_layout_is_refused(ranks: list[dict[str, Any
         assert rank["clash_optimizer"]  # the Trainer is left without an optimizer
 
 
+def split_steps(log: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
+    """``log`` cut before each step's first reduce-scatter."""
+    starts = [
+        i
+        for i, (kind, _) in enumerate(log)
+        if kind == "reduce_scatter_tensor" and (i == 0 or log[i - 1][0] != kind)
+    ]
+    return [log[a:b] for a, b in zip(starts, [*starts[1:], len(log)], strict=True)]
+
+
 @pytest.mark.parametrize("name", WRAPPERS)
-def test_one_all_reduce_of_the_rows_per_step_and_ddp_only_for_the_task(
+def test_the_rows_are_reduce_scattered_and_ddp_only_averages_the_task(
     ranks: list[dict[str, Any]], name: str
 ) -> None:
     p = sum(value.numel() for value in ranks[0][f"{name}/float32"].values())
     rows = 2 if name == "gem" else 3  # GEM: two constraints; LF-MLF, PCGrad: three objectives
+    gram = {"gem": 3, "lfmlf": 5, "pcgrad": 4}[name]  # with the task row, or LF-MLF's ḡ
+    assert p % 2 == 1  # the last rank's extra column is broadcast
     for dtype, size in (("float32", 4), ("float64", 8)):
+        # Replicated() from two rows on: (rows + 1) p values instead of 2 rows p
+        rows_and_gram = [("reduce_scatter_tensor", (p - 1) * size)] * rows  # each row, in place
+        rows_and_gram += [("all_reduce", rows * size), ("all_reduce", gram * gram * 8)]
+        result = [("all_gather_into_tensor", (p - 1) * size), ("broadcast", size)]
         for rank in ranks:
-            assert rank[f"{name}/{dtype}/all_reduce_bytes"] == [rows * p * size] * STEPS
+            steps = split_steps(rank[f"{name}/{dtype}/collectives"])
+            assert len(steps) == STEPS
+            k = len(rows_and_gram)
+            assert all(step[:k] == rows_and_gram and step[k:] in ([], result) for step in steps)
+            # the result is gathered whenever row 0 changed: always, but for GEM only
+            # when it projected (a decision every rank takes from the same Gram matrix)
+            gathered = [step[k:] == result for step in steps]
+            assert any(gathered) and (name == "gem" or all(gathered))
             # DDP all-reduces .grad once per step (the last micro-batch) for GEM's task
             # gradient; every multi-objective backward runs under no_sync
             ddp = p * size if name == "gem" else 0
@@ -158,7 +181,7 @@ def test_accelerate_launch_runs_the_same_steps_and_a_usage_error_stops_the_job(
     ranks = saved(tmp_path)  # GEM ran, then rank 1 alone made a usage error
     assert_same(ranks[0]["gem/float32"], ranks[1]["gem/float32"])
     assert max_difference(ranks[0]["gem/float32"], single["gem/float32"]) < 1e-6
-    task = ranks[0]["gem/float32/all_reduce_bytes"][0] // 2  # 4p bytes: two constraints
+    task = 4 * sum(value.numel() for value in ranks[0]["gem/float32"].values())  # 4p bytes
     assert ranks[0]["gem/float32/ddp_bytes"] == [task] * STEPS
     # the job ends at once, with rank 1's message and rank 1 as the root cause; rank 0,
     # waiting in a collective, is stopped by the launcher instead of timing out

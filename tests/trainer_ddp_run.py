@@ -219,20 +219,33 @@ def watch(trainer: SurgeryTrainer) -> Watch:
     return found[0]
 
 
+COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast")
+
+
 @contextmanager
-def counting_all_reduce(log: list[int]) -> Iterator[None]:
-    """Record the bytes of every ``torch.distributed.all_reduce`` the library issues."""
-    original = dist.all_reduce
+def counting_collectives(log: list[tuple[str, int]]) -> Iterator[None]:
+    """Record every collective the library issues: its name and its whole tensor's bytes.
 
-    def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        log.append(tensor.numel() * tensor.element_size())
-        return original(tensor, *args, **kwargs)
+    The whole tensor: what is all-reduced, the row a reduce-scatter splits (its input),
+    the row an all-gather fills, what is broadcast.
+    """
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
 
-    dist.all_reduce = counted
+    def counting(name: str) -> Any:
+        def counted(first: Any, *args: Any, **kwargs: Any) -> Any:
+            tensor = args[0] if name == "reduce_scatter_tensor" else first  # its input
+            log.append((name, tensor.numel() * tensor.element_size()))
+            return originals[name](first, *args, **kwargs)
+
+        return counted
+
+    for name in COLLECTIVES:
+        setattr(dist, name, counting(name))
     try:
         yield
     finally:
-        dist.all_reduce = original
+        for name, original in originals.items():
+            setattr(dist, name, original)
 
 
 def run(
@@ -243,12 +256,12 @@ def run(
     for name in names:
         for dtype in (torch.float32, torch.float64) if name in WRAPPERS else (torch.float32,):
             tag = f"{name}/{str(dtype)[6:]}"
-            log: list[int] = []
+            log: list[tuple[str, int]] = []
             one = trainer(name, out / tag, rank, world, dtype=dtype)
-            with counting_all_reduce(log):
+            with counting_collectives(log):
                 one.train()
             results[tag] = parameters(one.model)
-            results[f"{tag}/all_reduce_bytes"] = log
+            results[f"{tag}/collectives"] = log
             results[f"{tag}/ddp_bytes"] = watch(one).ddp_bytes
             results[f"{tag}/logs"] = one.state.log_history
         if not faults or name not in WRAPPERS:

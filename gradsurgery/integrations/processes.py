@@ -7,8 +7,9 @@ so that a script launched with ``torchrun`` or ``accelerate launch`` needs no ch
 * one process: ``None``;
 * DDP (``MULTI_CPU``, ``MULTI_GPU`` and the other ``MULTI_*`` types):
   :class:`~gradsurgery.distributed.Replicated`; every routed backward pass runs under
-  ``no_sync()``, so DDP averages only ``.grad`` and the wrapper averages the rows, in one
-  all-reduce, when the surgery starts;
+  ``no_sync()``, so DDP averages only ``.grad`` and the wrapper averages the rows when
+  the surgery starts (reduce-scatter from two rows on, else one all-reduce: the default of
+  ``Replicated()``, see ``docs/distributed.md``);
 * DeepSpeed, FSDP, and the other engines: refused (see :func:`layout`).
 """
 

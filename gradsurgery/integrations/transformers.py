@@ -102,7 +102,7 @@ class SurgeryTrainer(Trainer):
 
     **Several processes** (``torchrun``, ``accelerate launch``: DDP). The surgery gets
     ``distributed=Replicated()`` from the Trainer's set-up; every routed pass runs under
-    ``no_sync()`` and the surgery averages its rows in one all-reduce; each rank draws
+    ``no_sync()`` and the surgery averages its rows (``docs/distributed.md``); each rank draws
     from its own sources, so the step is the one-process step on the union of the ranks'
     batches (``docs/trainer.md``).
 

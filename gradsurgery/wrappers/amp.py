@@ -20,9 +20,11 @@ since torch 1.6; there is no public way to read it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
 from gradsurgery.flat import GradientBank
@@ -49,12 +51,18 @@ class RowsForScaler:
     ``obj.param_groups`` and records overflow for ``GradScaler.update()``, which is exactly
     what the routed rows need: one holder tensor per bank block, whose ``.grad`` is the
     block's rows 1..k (internal rows after them hold unscaled state and are left alone).
+    ``columns``: the blocks of this rank's columns of the bank under
+    ``Replicated(scatter=True)``, the only ones holding averaged rows (the others hold
+    this rank's own, and an overflow found there alone would be this rank's alone).
     """
 
-    def __init__(self, bank: GradientBank, rows: int) -> None:
+    def __init__(
+        self, bank: GradientBank, rows: int, columns: Sequence[Tensor] | None = None
+    ) -> None:
         self.bank = bank
+        self.sharded = columns is not None
         holders = []
-        for block in bank.blocks:
+        for block in bank.blocks if columns is None else columns:
             routed = block[1 : 1 + rows]
             holder = routed.detach()
             holder.grad = routed

@@ -316,7 +316,7 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
         self._set_constraints(row_names(list(state["rows"]), self.row_kind, self.min_rows))
 
     def _surgery(self) -> GEMStats:
-        bank = self._bank
+        bank = self._rows
         gram = self._gram()
         solution = gem_multipliers(
             gram, self.margin, mode=self.mode, solver=self.solver, eps=self.eps
@@ -337,6 +337,7 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
             )
             gram, solution = checked.gram, checked.solution
             if not checked.finite and self._scaler_enabled:
+                self._mark_overflow()  # every rank backs off, whichever rank's rows held it
                 skipped = True
             else:
                 if not checked.finite:
@@ -345,7 +346,7 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
                 if (
                     checked.violated
                     and checked.bound > overflow.limit(bank)
-                    and overflow.combine_overflows(bank, solution.v, rows)
+                    and self._any_rank(overflow.combine_overflows(bank, solution.v, rows))
                 ):
                     if not self._scaler_enabled:
                         raise overflow.error(bank)
@@ -353,8 +354,10 @@ class GEMProjector(SurgeryOptimizer[GEMStats]):
                     skipped = True
                 elif checked.violated:
                     bank.combine_(solution.v, accumulate=True)
+                    self._gather()
         elif not sync.host_reads_are_free(bank.device) or bool(solution.violated):
             bank.combine_(solution.v, accumulate=True)
+            self._gather()
         return GEMStats(self.row_names, gram, solution, skipped)
 
     def _settings(self) -> dict[str, Any]:

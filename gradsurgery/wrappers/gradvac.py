@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from gradsurgery.distributed import Distributed, broadcast_generator
+from gradsurgery.distributed import Distributed, broadcast_generator, scatters
 from gradsurgery.flat import GradientBank
 from gradsurgery.functional.gradvac import check_beta, gradvac_coefficients
 from gradsurgery.functional.pcgrad import conflict_orders
@@ -18,6 +18,12 @@ from gradsurgery.wrappers.multi import Decision, MultiObjectiveOptimizer
 from gradsurgery.wrappers.pcgrad import default_generator
 
 __all__ = ["GradVac"]
+
+PER_PARAMETER_SCATTER = (
+    "GradVac(granularity='parameter') does not run with Replicated(scatter=True): its "
+    "per-tensor Gram matrices would cross the ranks' column shards; use Replicated() "
+    "(one all-reduce of the rows) or granularity='model'"
+)
 
 Granularity = Literal["model", "parameter"]
 
@@ -71,6 +77,8 @@ class GradVac(MultiObjectiveOptimizer):
         check_beta(beta)
         if granularity not in ("model", "parameter"):
             raise ValueError(f"granularity must be 'model' or 'parameter', got {granularity!r}")
+        if granularity == "parameter" and scatters(distributed):
+            raise ValueError(PER_PARAMETER_SCATTER)
         generator = default_generator(generator)
         super().__init__(
             optimizer,
@@ -108,14 +116,19 @@ class GradVac(MultiObjectiveOptimizer):
             K = gram[rows, rows]
         else:
             K = self._bank.segment_gram(rows)
-            if self.distributed is not None:
-                K = self.distributed.reduce_gram(K)
+            layout = self._layout
+            if layout is not None:
+                K = layout.reduce_gram(K)
         orders = conflict_orders(len(self.row_names), self.generator)
         C, self._next_targets = gradvac_coefficients(K, self.targets, orders, self.beta)
         return Decision(C.sum(dim=-2), K)
 
     def _after_apply(self) -> None:
         self.targets = self._next_targets
+
+    @property
+    def _can_scatter(self) -> bool:
+        return self.granularity == "model"
 
     def _extra_state(self) -> dict[str, Any]:
         state = {**super()._extra_state(), "generator": self.generator.get_state()}

@@ -211,7 +211,7 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
         )
 
     def _surgery(self) -> ObjectiveStats:
-        bank = self._bank
+        bank = self._rows
         gram = self._gram()
         rows = self._objective_rows
         fits = True
@@ -230,6 +230,7 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
                 ).tolist()
             if not finite:
                 if self._scaler_enabled:
+                    self._mark_overflow()  # every rank backs off, whichever rank's rows held it
                     return self._skipped(gram)
                 raise NonFiniteGradientError(
                     "a gradient holds NaN or Inf values (or its squared norm overflows); "
@@ -249,11 +250,12 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
             if not fits:
                 fits = bool(overflow.bound(decision.gram, decision.weights) <= overflow.limit(bank))
             if decision.weights.dim() == 2:
-                bank.combine_segments_(decision.weights, rows=rows)
+                self._bank.combine_segments_(decision.weights, rows=rows)
             else:
                 bank.combine_(decision.weights, accumulate=False, rows=rows)
-            if not fits and not overflow.row0_finite(bank):
-                bank.zero_(0)  # row 0 held no gradient (checked above)
+            self._gather()
+            if not fits and not overflow.row0_finite(self._bank):
+                self._bank.zero_(0)  # row 0 held no gradient (checked above)
                 if generator is not None and drawn is not None:
                     generator.set_state(drawn)  # the step's random orders are drawn again
                 if not self._scaler_enabled:

@@ -25,13 +25,13 @@ import torch
 from torch import Tensor
 
 from gradsurgery import gram as _gram
+from gradsurgery.distributed import Rows
 from gradsurgery.errors import NonFiniteGradientError
-from gradsurgery.flat import GradientBank
 
 __all__ = ["bound", "combine_overflows", "error", "limit", "norms", "row0_finite"]
 
 
-def limit(bank: GradientBank) -> float:
+def limit(bank: Rows) -> float:
     """The largest finite value of the smallest dtype among the bank's blocks."""
     return min(torch.finfo(block.dtype).max for block in bank.blocks)
 
@@ -46,7 +46,7 @@ def bound(gram: Tensor, weights: Tensor) -> Tensor:
     return (weights.abs() * norms(gram)).sum(dim=-1).max()
 
 
-def combine_overflows(bank: GradientBank, weights: Tensor, rows: slice) -> Tensor:
+def combine_overflows(bank: Rows, weights: Tensor, rows: slice) -> Tensor:
     """0-d bool: whether ``row0 + Σ_k w_k row_k`` over ``rows`` overflows (writes nothing)."""
     flags = [
         _gram.combine_overflows(block[0], block[rows], weights, accumulate=True)
@@ -55,12 +55,12 @@ def combine_overflows(bank: GradientBank, weights: Tensor, rows: slice) -> Tenso
     return torch.stack(flags).any()
 
 
-def row0_finite(bank: GradientBank) -> bool:
+def row0_finite(bank: Rows) -> bool:
     """Whether row 0 holds only finite values (a pass over it; reads one flag back)."""
     return bool(torch.stack([block[0].isfinite().all() for block in bank.blocks]).all())
 
 
-def error(bank: GradientBank) -> NonFiniteGradientError:
+def error(bank: Rows) -> NonFiniteGradientError:
     """The error of a step whose rewritten gradient would overflow."""
     dtypes = ", ".join(str(block.dtype).removeprefix("torch.") for block in bank.blocks)
     return NonFiniteGradientError(

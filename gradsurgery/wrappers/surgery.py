@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from gradsurgery import distributed as _distributed
-from gradsurgery.distributed import Distributed
+from gradsurgery.distributed import Distributed, Rows, Sharded
 from gradsurgery.wrappers import amp, checks, clipping
 from gradsurgery.wrappers.routing import RoutingOptimizer
 
@@ -112,9 +112,12 @@ class SurgeryOptimizer(RoutingOptimizer, Generic[StatsT]):
     @property
     def _scaler_rows(self) -> amp.RowsForScaler:
         """The extra rows as ``GradScaler.unscale_`` sees them (rebuilt with the bank)."""
+        source = self._rows
+        columns = None if source is self._bank else source.blocks
         rows = self._rows_for_scaler
-        if rows is None or rows.bank is not self._bank:
-            rows = self._rows_for_scaler = amp.RowsForScaler(self._bank, len(self.row_names))
+        if rows is None or rows.bank is not self._bank or rows.sharded != (columns is not None):
+            rows = amp.RowsForScaler(self._bank, len(self.row_names), columns)
+            self._rows_for_scaler = rows
         return rows
 
     # -- the step ------------------------------------------------------------------------
@@ -145,10 +148,38 @@ class SurgeryOptimizer(RoutingOptimizer, Generic[StatsT]):
         ``exact`` recomputes it without underflow (:func:`gradsurgery.gram.exact_gram`: two
         more passes), for the rare steps where :func:`gradsurgery.gram.underflow_suspected`.
         """
-        gram = self._bank.gram(exact=exact)
-        if self.distributed is not None:
-            gram = self.distributed.reduce_gram(gram)
-        return gram
+        gram = self._rows.gram(exact=exact)
+        layout = self._layout
+        return gram if layout is None else layout.reduce_gram(gram)
+
+    @property
+    def _rows(self) -> Rows:
+        """The rows the surgery reads: the bank, or this rank's columns of it (scatter)."""
+        layout = self._layout
+        return self._bank if layout is None else layout.shard(self._bank)
+
+    def _gather(self) -> None:
+        """Make row 0 whole on every rank once the surgery wrote its columns of it."""
+        layout = self._layout
+        if layout is not None:
+            layout.gather_row0(self._bank)
+
+    def _any_rank(self, flag: Tensor) -> Tensor:
+        """``flag`` (0-d bool) read from :attr:`_rows`, made true wherever any rank's is."""
+        layout = self._layout
+        return flag if layout is None else layout.any_rank(flag)
+
+    @property
+    def _layout(self) -> Distributed | None:
+        """:attr:`distributed` with ``Replicated(scatter=None)`` decided for these rows."""
+        if self.distributed is None:
+            return None
+        return self.distributed.resolved(len(self.row_names), can_scatter=self._can_scatter)
+
+    @property
+    def _can_scatter(self) -> bool:
+        """Whether the surgery can run on a rank's columns (``Replicated(scatter=True)``)."""
+        return True
 
     def _surgery(self) -> StatsT:
         """Rewrite row 0 of the bank from the rows (subclasses); return the step's stats."""
@@ -174,8 +205,9 @@ class SurgeryOptimizer(RoutingOptimizer, Generic[StatsT]):
             self._check_not_broken()
             self._sync_bank()
             self._bank.repair()
-            if self.distributed is not None and not self._reduced:
-                self.distributed.average_rows(self._bank, slice(1, 1 + len(self.row_names)))
+            layout = self._layout
+            if layout is not None and not self._reduced:
+                layout.average_rows(self._bank, slice(1, 1 + len(self.row_names)))
                 self._reduced = True
             self._step_scaler = scaler if amp.enabled(scaler) else None
             if self._step_scaler is not None:
@@ -183,9 +215,8 @@ class SurgeryOptimizer(RoutingOptimizer, Generic[StatsT]):
             stats = self._surgery()
             self.last_grad_norm = None
             if self.max_grad_norm is not None and not stats.skipped:
-                self.last_grad_norm = clipping.clip_(
-                    self._bank, self.max_grad_norm, self.distributed
-                )
+                sharded = self.distributed if isinstance(self.distributed, Sharded) else None
+                self.last_grad_norm = clipping.clip_(self._bank, self.max_grad_norm, sharded)
             self._pending = stats
         except BaseException:
             self._end_step()

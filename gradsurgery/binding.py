@@ -15,6 +15,7 @@ nothing to detect by looking at the parameter list only, never at the values:
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -28,13 +29,57 @@ __all__ = [
     "BankChanges",
     "Signature",
     "alias",
+    "as_grad",
     "check_supported",
+    "copy_into",
+    "local",
     "refuse_unsafe",
     "signature",
     "track",
 ]
 
 Signature = tuple[torch.dtype, torch.device, torch.Size, tuple[int, ...]]
+
+
+def _dtensor() -> Any:
+    """The ``DTensor`` class if it was imported (a DTensor can exist only then), else None."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+def local(tensor: Tensor) -> Tensor:
+    """The part of ``tensor`` this process holds: the local shard of a ``DTensor``, or itself."""
+    dtensor = _dtensor()
+    if dtensor is not None and isinstance(tensor, dtensor):
+        shard: Tensor = tensor.to_local()
+        return shard
+    return tensor
+
+
+def as_grad(param: Tensor, view: Tensor) -> Tensor:
+    """What ``param.grad`` is set to for the row ``view``: the view, or a DTensor around it."""
+    dtensor = _dtensor()
+    if dtensor is not None and isinstance(param, dtensor):
+        sharded: Any = param
+        grad: Tensor = dtensor.from_local(
+            view,
+            sharded.device_mesh,
+            sharded.placements,
+            run_check=False,
+            shape=sharded.shape,
+            stride=sharded.stride(),
+        )
+        return grad
+    return view
+
+
+def copy_into(view: Tensor, grad: Tensor) -> None:
+    """``view ← grad``; a sparse gradient (``Embedding(sparse=True)``) is written densely."""
+    value = local(grad)
+    if value.layout == torch.strided:
+        view.copy_(value)
+    else:
+        view.zero_().add_(value)
 
 
 def signature(param: Tensor) -> Signature:

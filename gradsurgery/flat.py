@@ -18,7 +18,6 @@ gradient FSDP2 reduce-scatters is added into the row in place.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -28,51 +27,19 @@ from torch import Tensor
 
 from gradsurgery import gram as _gram
 from gradsurgery import segments as _segments
-from gradsurgery.binding import BankChanges, alias, check_supported, signature, track
+from gradsurgery.binding import (
+    BankChanges,
+    alias,
+    as_grad,
+    check_supported,
+    copy_into,
+    local,
+    signature,
+    track,
+)
 from gradsurgery.segments import Segments
 
 __all__ = ["GradientBank", "local"]
-
-
-def _dtensor() -> Any:
-    """The ``DTensor`` class if it was imported (a DTensor can exist only then), else None."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return None if module is None else module.DTensor
-
-
-def local(tensor: Tensor) -> Tensor:
-    """The part of ``tensor`` this process holds: the local shard of a ``DTensor``, or itself."""
-    dtensor = _dtensor()
-    if dtensor is not None and isinstance(tensor, dtensor):
-        shard: Tensor = tensor.to_local()
-        return shard
-    return tensor
-
-
-def _as_grad(param: Tensor, view: Tensor) -> Tensor:
-    """What ``param.grad`` is set to for the row ``view``: the view, or a DTensor around it."""
-    dtensor = _dtensor()
-    if dtensor is not None and isinstance(param, dtensor):
-        sharded: Any = param
-        grad: Tensor = dtensor.from_local(
-            view,
-            sharded.device_mesh,
-            sharded.placements,
-            run_check=False,
-            shape=sharded.shape,
-            stride=sharded.stride(),
-        )
-        return grad
-    return view
-
-
-def _copy_into(view: Tensor, grad: Tensor) -> None:
-    """``view ← grad``; a sparse gradient (``Embedding(sparse=True)``) is written densely."""
-    value = local(grad)
-    if value.layout == torch.strided:
-        view.copy_(value)
-    else:
-        view.zero_().add_(value)
 
 
 def _unique(params: Iterable[Tensor]) -> list[Tensor]:
@@ -134,7 +101,7 @@ class GradientBank:
             )
             for dtype in dtypes
         )
-        self._sharded = _dtensor() is not None and any(local(p) is not p for p in self.params)
+        self._sharded = any(local(p) is not p for p in self.params)
         self._signatures = {id(p): signature(p) for p in self.params}
         self._position = {id(p): i for i, p in enumerate(self.params)}
         self._index: dict[int, tuple[int, slice]] = {}
@@ -156,7 +123,7 @@ class GradientBank:
         with torch.no_grad():
             for i, (p, view) in enumerate(zip(self.params, self._views[0], strict=True)):
                 if p.grad is not None and p.grad.shape == p.shape:
-                    _copy_into(view, p.grad)
+                    copy_into(view, p.grad)
                     self._reached[0][i] = 1
         self._segments: tuple[Segments, ...] | None = None
         self.close = track(self, self.params, self._mark)
@@ -164,7 +131,7 @@ class GradientBank:
 
     def _append(self, row: int, p: Tensor, view: Tensor) -> None:
         self._views[row].append(view)
-        self._grads[row].append(_as_grad(p, view))
+        self._grads[row].append(as_grad(p, view))
         self._pointers[row].append(view.data_ptr())
 
     def _mark(self, param: Tensor) -> None:
@@ -256,13 +223,13 @@ class GradientBank:
                 if grad is bound:  # its memory was replaced: bind a fresh alias
                     block, part = self._index[id(p)]
                     view = alias(self.blocks[block][row], part.start, local(p))
-                    self._views[row][i], self._grads[row][i] = view, _as_grad(p, view)
+                    self._views[row][i], self._grads[row][i] = view, as_grad(p, view)
                     pointers[i] = view.data_ptr()
                 if grad is None:
                     self._views[row][i].zero_()
                     self._reached[row][i] = 0
                 else:
-                    _copy_into(self._views[row][i], grad)
+                    copy_into(self._views[row][i], grad)
                     self._reached[row][i] = 1
                 p.grad = self._grads[row][i]
         return repaired
@@ -309,13 +276,13 @@ class GradientBank:
                     continue
                 for row, source in enumerate(carried, start=1):
                     if source is not None:
-                        _copy_into(new._views[row][i], self._views[source][j])
+                        copy_into(new._views[row][i], self._views[source][j])
                         new._reached[row][i] = self._reached[source][j]
         for j, p in enumerate(self.params):
             if id(p) not in new._position and any(p.grad is g[j] for g in self._grads):
                 had = any(reached[j] for reached in self._reached)
                 # torch keeps a frozen parameter's .grad (the inner optimizer steps it)
-                p.grad = _as_grad(p, self._views[0][j].detach().clone()) if had else None
+                p.grad = as_grad(p, self._views[0][j].detach().clone()) if had else None
         self.close()
         return new
 

@@ -280,7 +280,7 @@ class GradientBank:
                         new._reached[row][i] = self._reached[source][j]
         for j, p in enumerate(self.params):
             if id(p) not in new._position and any(p.grad is g[j] for g in self._grads):
-                had = any(reached[j] for reached in self._reached)
+                had = self._reached[0][j]  # the extra rows are not .grad
                 # torch keeps a frozen parameter's .grad (the inner optimizer steps it)
                 p.grad = as_grad(p, self._views[0][j].detach().clone()) if had else None
         self.close()

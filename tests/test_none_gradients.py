@@ -285,3 +285,20 @@ def test_lfmlf_keeps_the_accumulated_direction_of_a_frozen_layer_through_save_an
     loaded.zero_grad()
     views = loaded.bank.row_views(row)
     assert torch.equal(views[position(loaded.bank.params, fresh.heads[1].weight)], accumulated)
+
+
+def test_a_layer_frozen_after_a_skipped_step_has_no_gradient_to_step():
+    net = TwoBranches()
+    opt = MGDA(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), 2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    x = batch(0)
+    opt.backward([scaler.scale(net(x, (0, 1))), scaler.scale(net(x, (1,)) * float("inf"))])
+    scaler.step(opt)  # skipped: the rows never became .grad
+    scaler.update()
+    assert opt.last_stats is not None and opt.last_stats.skipped
+    net.heads[1].requires_grad_(False)
+    opt.optimizer.zero_grad(set_to_none=False)
+    opt.backward([net(x, (0,)), net(x, (0,)).mul(2)])
+    opt.step()
+    assert not opt.state[net.heads[1].weight]  # torch: no .grad, so never stepped
+    assert net.heads[1].weight.grad is None

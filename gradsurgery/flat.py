@@ -357,12 +357,11 @@ class GradientBank:
         self._zero_versions = None if self._sharded else [g._version for g in self._grads[0]]
 
     def row0_zero(self) -> bool:
-        """Whether row 0 is known to be zero without reading it.
+        """Whether row 0 is known zero, without reading it (False: unknown).
 
-        True when :meth:`mark_row0_zero` was called and since then no ``.grad`` was written
-        in place (each ``.grad`` has its own version counter, which every in-place write,
-        a backward pass's included, increments), replaced (:meth:`repair` copies) or
-        overwritten by :meth:`combine_`. False means only "unknown".
+        True if no ``.grad`` was written in place (each has its own version counter, which
+        every in-place write, a backward pass's included, increments), replaced or combined
+        into since :meth:`mark_row0_zero`.
         """
         versions = self._zero_versions
         return versions is not None and all(

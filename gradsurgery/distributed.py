@@ -200,8 +200,8 @@ class Rows(Protocol):
         """The device of the rows."""
         ...
 
-    def gram(self, *, exact: bool = False) -> Tensor:
-        """The ``(rows, rows)`` Gram matrix of these columns, in float64."""
+    def gram(self, *, exact: bool = False, rows: slice = slice(None)) -> Tensor:
+        """The Gram matrix of ``rows`` (default: all) on these columns, in float64."""
         ...
 
     def combine_(self, weights: Tensor, *, accumulate: bool, rows: slice = slice(1, None)) -> None:
@@ -223,17 +223,17 @@ class ColumnShard:
         self.numel = bank.numel
         self.device = bank.device
 
-    def gram(self, *, exact: bool = False) -> Tensor:
-        """The partial ``(rows, rows)`` Gram matrix of these columns, in float64.
+    def gram(self, *, exact: bool = False, rows: slice = slice(None)) -> Tensor:
+        """The partial Gram matrix of ``rows`` (default: all) on these columns, in float64.
 
         A block may have no column here (fewer columns than ranks): it adds nothing.
         """
         of = _gram.exact_gram if exact else _gram.gram
-        rows = self.blocks[0].shape[0]
-        total = torch.zeros(rows, rows, dtype=torch.float64, device=self.device)
+        count = self.blocks[0][rows].shape[0]
+        total = torch.zeros(count, count, dtype=torch.float64, device=self.device)
         for block in self.blocks:
             if block.shape[1] > 0:
-                total = total + of(block)
+                total = total + of(block[rows])
         return total
 
     def combine_(self, weights: Tensor, *, accumulate: bool, rows: slice = slice(1, None)) -> None:

@@ -118,6 +118,7 @@ class GradientBank:
                 self._append(row, p, alias(self.blocks[block][row], offset, local(p)))
             offset = part.stop
         self._reached = [bytearray(len(self.params)) for _ in range(rows)]
+        self._zero_versions: list[int] | None = None
         self.bound_row = 0
         self.split = False
         with torch.no_grad():
@@ -220,6 +221,8 @@ class GradientBank:
                     self.split = True
                     continue
                 repaired += 1
+                if row == 0:
+                    self._zero_versions = None
                 if grad is bound:  # its memory was replaced: bind a fresh alias
                     block, part = self._index[id(p)]
                     view = alias(self.blocks[block][row], part.start, local(p))
@@ -330,15 +333,32 @@ class GradientBank:
         for block in self.blocks:
             block[rows].zero_()
 
-    def gram(self, *, exact: bool = False) -> Tensor:
-        """The ``(rows, rows)`` Gram matrix of the rows, in float64 on the bank's device.
+    def mark_row0_zero(self) -> None:
+        """Record that row 0 is zero now (right after it was zeroed), for :meth:`row0_zero`."""
+        self._zero_versions = None if self._sharded else [g._version for g in self._grads[0]]
+
+    def row0_zero(self) -> bool:
+        """Whether row 0 is known zero, without reading it (False: unknown).
+
+        True if no ``.grad`` was written in place (each has its own version counter, which
+        every in-place write, a backward pass's included, increments), replaced or combined
+        into since :meth:`mark_row0_zero`.
+        """
+        versions = self._zero_versions
+        return versions is not None and all(
+            p.grad is g and g._version == v
+            for p, g, v in zip(self.params, self._grads[0], versions, strict=True)
+        )
+
+    def gram(self, *, exact: bool = False, rows: slice = slice(None)) -> Tensor:
+        """The Gram matrix of ``rows`` (default: all), in float64 on the bank's device.
 
         ``exact`` computes it without underflow (:func:`gradsurgery.gram.exact_gram`).
         """
         of = _gram.exact_gram if exact else _gram.gram
-        total = of(self.blocks[0])
+        total = of(self.blocks[0][rows])
         for block in self.blocks[1:]:
-            total = total + of(block)
+            total = total + of(block[rows])
         return total
 
     def combine_(self, weights: Tensor, *, accumulate: bool, rows: slice = slice(1, None)) -> None:
@@ -346,6 +366,7 @@ class GradientBank:
 
         ``weights`` has one entry per row of ``rows`` (default: every row after the first).
         """
+        self._zero_versions = None
         for block in self.blocks:
             _gram.combine_(block[0], block[rows], weights, accumulate=accumulate)
 
@@ -371,6 +392,7 @@ class GradientBank:
 
     def combine_segments_(self, weights: Tensor, rows: slice) -> None:
         """Write ``row0`` of each parameter as ``Σ_k weights[param, k] · row_k`` of it."""
+        self._zero_versions = None
         start = 0
         for block, segments in zip(self.blocks, self.segments, strict=True):
             part = weights[start : start + segments.count]

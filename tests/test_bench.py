@@ -149,6 +149,18 @@ def test_a_measurement_that_contradicts_itself_is_warned_about():
     assert report.problems(bench_doc(6.5, "thread", gem=clean_entry())) == []
 
 
+def test_a_floor_whose_copy_bandwidth_drifts_is_warned_about():
+    steady = {**clean_entry(), "floor_samples": [1.0, 1.02, 0.98], "copy_bandwidth_GBps": 18.0}
+    assert report.problems(bench_doc(1.0, gem=steady, mgda=steady)) == []
+    shaky = {**steady, "floor_samples": [1.0, 2.0, 0.5, 2.2, 0.4]}
+    slower = {**steady, "copy_bandwidth_GBps": 7.7}
+    found = report.problems(bench_doc(1.0, gem=shaky, mgda=slower))
+    assert len(found) == 2
+    assert "gem 2e4 fp32 t=2: the floor's copies spread ±" in found[0]
+    assert "bandwidth changed while timing" in found[0]
+    assert "2e4 fp32: the copy bandwidth drifted from 18.0 GB/s (gem t=2) to 7.7 GB/s" in found[1]
+
+
 def test_the_printed_tables_start_with_the_warnings(capsys):
     doc = main([*TINY, "--t", "2", "--methods", "gem", "--no-peers"])
     printed = capsys.readouterr().out

@@ -143,8 +143,9 @@ def _multi(params: list[Tensor], t: int, validate: bool, method: str) -> Case:
     if isinstance(opt, ParetoLessForgetting):
         block[t + 1].copy_(block[rows].sum(dim=0))  # ḡ: some earlier steps' directions
 
-    def setup() -> None:  # a step starts with .grad zero (the wrapper checks it)
+    def setup() -> None:  # a step starts with .grad zero, as zero_grad() leaves it
         block[0].zero_()
+        bank.mark_row0_zero()
 
     setup()
     gram = bank.gram()
@@ -155,7 +156,7 @@ def _multi(params: list[Tensor], t: int, validate: bool, method: str) -> Case:
         segments = bank.segment_gram(rows)
 
         def gram_part() -> None:
-            bank.gram()
+            bank.gram(rows=slice(1, None))
             bank.segment_gram(rows)
 
         def solve() -> Tensor:
@@ -175,7 +176,11 @@ def _multi(params: list[Tensor], t: int, validate: bool, method: str) -> Case:
             bank.combine_(decision.weights, accumulate=False, rows=rows)
             opt._after_apply()
 
-        parts = {"gram": bank.gram, "solve": lambda: opt._decide(gram), "apply": apply}
+        parts = {
+            "gram": lambda: bank.gram(rows=slice(1, None)),
+            "solve": lambda: opt._decide(gram),
+            "apply": apply,
+        }
     values = 2 * t + 4 if isinstance(opt, ParetoLessForgetting) else 2 * t + 1
     return Case(opt, block[rows], setup, parts, values, block[1:].numel() * block.element_size())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,13 @@ def problems(doc: dict[str, Any]) -> list[str]:
 
     A machine loaded above its cores (timed by the wall clock), a median whose interquartile
     range exceeds :data:`WIDE_SPREAD` of it, a part (Gram, solve, apply) slower than the
-    whole surgery's upper quartile, a surgery faster than the memory-bandwidth floor: each
-    means the clock measured the machine's other work, not the surgery.
+    whole surgery's upper quartile, a surgery faster than the memory-bandwidth floor, a
+    floor whose copies spread beyond :data:`WIDE_SPREAD`, or a copy bandwidth that drifts
+    beyond it between the configurations of one size and dtype: each means the clock
+    measured the machine's other work, not the surgery.
     """
     found = []
+    bandwidths: dict[str, list[tuple[float, str]]] = {}
     for i, run in enumerate(doc["runs"]):
         machine, wall = run["machine"], run["settings"].get("clock", "wall") == "wall"
         load, cores = machine.get("load_average"), machine.get("cores")
@@ -89,6 +93,27 @@ def problems(doc: dict[str, Any]) -> list[str]:
                     f"{method} {where}: {e['ratio_to_floor']:.2f}× the floor, faster than "
                     "reading its gradients once allows: the floor's samples were slowed down"
                 )
+            floor = e.get("floor_samples", [])
+            if len(floor) >= 2:
+                q1, median, q3 = statistics.quantiles(floor, n=4, method="inclusive")
+                if q3 - q1 > WIDE_SPREAD * median:
+                    found.append(
+                        f"{method} {where}: the floor's copies spread "
+                        f"±{50 * (q3 - q1) / median:.0f} % of their median: the memory "
+                        "bandwidth changed while timing"
+                    )
+            if "copy_bandwidth_GBps" in e:
+                bandwidths.setdefault(f"{r['size']} {r['dtype']}", []).append(
+                    (e["copy_bandwidth_GBps"], f"{method} t={r['t']}")
+                )
+    for where, seen in bandwidths.items():
+        (low, slow), (high, fast) = min(seen), max(seen)
+        if high > (1 + WIDE_SPREAD) * low:
+            found.append(
+                f"{where}: the copy bandwidth drifted from {high:.1f} GB/s ({fast}) to "
+                f"{low:.1f} GB/s ({slow}), beyond ±{50 * WIDE_SPREAD:.0f} %: the floors of "
+                "one size are not comparable (a quieter machine)"
+            )
     return found
 
 

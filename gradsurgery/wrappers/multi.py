@@ -11,6 +11,7 @@ be lost, so with ``validate=True`` it raises instead.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn import functional
 from torch.optim import Optimizer
 
 from gradsurgery import gram as _gram
@@ -210,9 +212,35 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
             skipped=True,
         )
 
+    def _rows_gram(self, *, with_row0: bool, exact: bool = False) -> Tensor:
+        """The Gram matrix of every bank row; row 0's entries are zeros unless ``with_row0``.
+
+        Row 0 is overwritten by the step: its products are needed only where a sharded
+        step must check it the same way on every rank.
+        """
+        if with_row0:
+            return self._gram(exact=exact)
+        return functional.pad(self._gram(exact=exact, rows=slice(1, None)), (1, 0, 1, 0))
+
+    def _row0_clean(self, gram: Tensor, with_row0: bool) -> Tensor:
+        """0-d bool: whether row 0 holds no gradient (the stray-backward check).
+
+        No pass over the gradients when the bank knows row 0 is still zero since
+        ``zero_grad()`` (:meth:`~gradsurgery.flat.GradientBank.row0_zero`); else one read
+        of row 0 (its largest magnitude), or its entry of a Gram that includes it.
+        """
+        if with_row0:
+            return gram[0, 0] == 0
+        if not self.validate or self._bank.row0_zero():
+            return torch.ones((), dtype=torch.bool, device=gram.device)
+        largest = [torch.linalg.vector_norm(block[0], ord=math.inf) for block in self._bank.blocks]
+        return torch.stack(largest).max() == 0
+
     def _surgery(self) -> ObjectiveStats:
         bank = self._rows
-        gram = self._gram()
+        # a distributed step decides from reduced numbers only: row 0's entry of the Gram
+        with_row0 = self.validate and self.distributed is not None
+        gram = self._rows_gram(with_row0=with_row0)
         rows = self._objective_rows
         fits = True
         if self._reads_host:
@@ -220,10 +248,15 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
             tiny = _gram.underflow_suspected(gram[rows, rows], bank.numel, dtypes)
             bound = self._bound(overflow.norms(gram[rows, rows]))
             finite, clean, fits, tiny = torch.stack(
-                [gram.isfinite().all(), gram[0, 0] == 0, bound <= overflow.limit(bank), tiny]
+                [
+                    gram.isfinite().all(),
+                    self._row0_clean(gram, with_row0),
+                    bound <= overflow.limit(bank),
+                    tiny,
+                ]
             ).tolist()
             if tiny or not finite:  # underflow, or squares above the fp32 range
-                gram = self._gram(exact=True)
+                gram = self._rows_gram(with_row0=with_row0, exact=True)
                 bound = self._bound(overflow.norms(gram[rows, rows]))
                 finite, fits = torch.stack(
                     [gram.isfinite().all(), bound <= overflow.limit(bank)]

@@ -145,6 +145,7 @@ class RoutingOptimizer(WrappedOptimizer):
         bank.repair()
         extra = slice(0, 1 + len(self.row_names))  # internal rows after them hold state
         bank.zero_(extra)
+        bank.mark_row0_zero()
         bank.forget(extra if set_to_none else slice(1, extra.stop))
         for p in self._all_params():
             if not p.requires_grad and p.grad is not None:

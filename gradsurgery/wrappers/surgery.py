@@ -142,13 +142,13 @@ class SurgeryOptimizer(RoutingOptimizer, Generic[StatsT]):
         assert self._step_scaler is not None
         amp.mark_overflow(self._step_scaler, self._scaler_rows)
 
-    def _gram(self, *, exact: bool = False) -> Tensor:
-        """The Gram matrix of every bank row, made global across ranks when sharded.
+    def _gram(self, *, exact: bool = False, rows: slice = slice(None)) -> Tensor:
+        """The Gram matrix of the bank's ``rows`` (default: all), made global when sharded.
 
         ``exact`` recomputes it without underflow (:func:`gradsurgery.gram.exact_gram`: two
         more passes), for the rare steps where :func:`gradsurgery.gram.underflow_suspected`.
         """
-        gram = self._rows.gram(exact=exact)
+        gram = self._rows.gram(exact=exact, rows=rows)
         layout = self._layout
         return gram if layout is None else layout.reduce_gram(gram)
 

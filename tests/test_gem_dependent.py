@@ -146,6 +146,17 @@ def uncertifiable(problem: qp._Scaled) -> tuple[torch.Tensor, torch.Tensor]:
     return problem.lower, qp._certificate(problem, problem.lower)
 
 
+def issue_step(g: torch.Tensor, J: torch.Tensor) -> tuple[torch.nn.Linear, GEMProjector]:
+    """A GEMProjector (margin 0) on one weight holding the issue's task and memory rows."""
+    model = torch.nn.Linear(2, 1, bias=False).double()
+    opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=1.0), 0.0, constraints=5)
+    (model.weight * g).sum().backward()
+    for k in range(5):
+        with opt.constraint(k):
+            (model.weight * J[k]).sum().backward()
+    return model, opt
+
+
 def test_an_uncertified_device_answer_falls_back_to_the_exact_solver(monkeypatch):
     monkeypatch.setattr(qp, "_enumerate", uncertifiable)
     g = torch.tensor(ISSUE_G, dtype=torch.float64)
@@ -154,12 +165,7 @@ def test_an_uncertified_device_answer_falls_back_to_the_exact_solver(monkeypatch
     x = gem_project(g, J)
     assert float(x.norm()) <= 1e-12
 
-    model = torch.nn.Linear(2, 1, bias=False).double()
-    opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=1.0), 0.0, constraints=5)
-    (model.weight * g).sum().backward()
-    for k in range(5):
-        with opt.constraint(k):
-            (model.weight * J[k]).sum().backward()
+    model, opt = issue_step(g, J)
     before = model.weight.detach().clone()
     opt.step()
     assert bool(opt.last_stats.fallback)
@@ -187,12 +193,7 @@ def test_when_even_the_exact_solver_fails_nothing_changes(monkeypatch):
     with pytest.raises(SolverError, match=FALLBACK_SOLVER):
         gem_project(g, J)
 
-    model = torch.nn.Linear(2, 1, bias=False).double()
-    opt = GEMProjector(torch.optim.SGD(model.parameters(), lr=1.0), 0.0, constraints=5)
-    (model.weight * g).sum().backward()
-    for k in range(5):
-        with opt.constraint(k):
-            (model.weight * J[k]).sum().backward()
+    model, opt = issue_step(g, J)
     before = model.weight.detach().clone()
     with pytest.raises(SolverError, match="nothing was changed"):
         opt.step()

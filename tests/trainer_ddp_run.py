@@ -9,8 +9,6 @@ the ranks' batches.
 """
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ from gradsurgery import (
 )
 from gradsurgery.distributed import Sharded
 from gradsurgery.integrations.transformers import SurgeryTrainer
+from tests.distributed_cases import counting_collectives
 from tests.trainer_setups import (
     LANGS,
     VOCAB,
@@ -217,35 +216,6 @@ def watch(trainer: SurgeryTrainer) -> Watch:
     """The :class:`Watch` of ``trainer``."""
     found = [c for c in trainer.callback_handler.callbacks if isinstance(c, Watch)]
     return found[0]
-
-
-COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast")
-
-
-@contextmanager
-def counting_collectives(log: list[tuple[str, int]]) -> Iterator[None]:
-    """Record every collective the library issues: its name and its whole tensor's bytes.
-
-    The whole tensor: what is all-reduced, the row a reduce-scatter splits (its input),
-    the row an all-gather fills, what is broadcast.
-    """
-    originals = {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def counting(name: str) -> Any:
-        def counted(first: Any, *args: Any, **kwargs: Any) -> Any:
-            tensor = args[0] if name == "reduce_scatter_tensor" else first  # its input
-            log.append((name, tensor.numel() * tensor.element_size()))
-            return originals[name](first, *args, **kwargs)
-
-        return counted
-
-    for name in COLLECTIVES:
-        setattr(dist, name, counting(name))
-    try:
-        yield
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
 
 
 def run(

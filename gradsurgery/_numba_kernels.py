@@ -1,0 +1,147 @@
+"""The Numba kernels behind :mod:`gradsurgery.kernels` (imported only when Numba is installed).
+
+Sums may be reordered (the reductions vectorise) and multiply-adds fused; NaN and Inf keep
+their IEEE semantics. The Gram kernels write the lower triangle of a ``(R, R)`` float64
+output, ``R`` the row count rounded up to a multiple of 3: rows past the last repeat it, and
+what they produce lands in the padding.
+"""
+
+from typing import Any
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+COLUMNS = 8192
+_FLAGS = {"reassoc", "contract"}
+_jit = njit(fastmath=_FLAGS, nogil=True, cache=True)
+_inline = njit(fastmath=_FLAGS, nogil=True, cache=True, inline="always")
+
+
+@intrinsic
+def _bitcast(typingctx: Any, word: Any) -> Any:
+    """A float32's bits as uint32, or the low 32 bits of an integer as float32."""
+    if isinstance(word, types.Integer):
+
+        def to_float(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            low = builder.trunc(args[0], ir.IntType(32)) if word.bitwidth > 32 else args[0]  # type: ignore[attr-defined]
+            return builder.bitcast(low, ir.FloatType())
+
+        return types.float32(word), to_float
+
+    def to_bits(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(word), to_bits
+
+
+def _value(row, k):
+    """``row[k]`` as a number: bf16 rows are uint16 bit patterns, widened exactly to fp32."""
+
+
+@overload(_value, inline="always")
+def _value_of(row, k):
+    if row.dtype == types.uint16:
+        return lambda row, k: _bitcast(np.uint32(row[k]) << np.uint32(16))
+    return lambda row, k: row[k]
+
+
+@_inline
+def _diagonal(a0, a1, a2, zero, out, i):
+    s00 = s10 = s11 = s20 = s21 = s22 = zero
+    for k in range(a0.shape[0]):
+        x0 = _value(a0, k)
+        x1 = _value(a1, k)
+        x2 = _value(a2, k)
+        s00 += x0 * x0
+        s10 += x1 * x0
+        s11 += x1 * x1
+        s20 += x2 * x0
+        s21 += x2 * x1
+        s22 += x2 * x2
+    out[i, i] += s00
+    out[i + 1, i] += s10
+    out[i + 1, i + 1] += s11
+    out[i + 2, i] += s20
+    out[i + 2, i + 1] += s21
+    out[i + 2, i + 2] += s22
+
+
+@_inline
+def _tile(a0, a1, a2, b0, b1, b2, zero, out, i, j):
+    s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = zero
+    for k in range(a0.shape[0]):
+        x0 = _value(a0, k)
+        x1 = _value(a1, k)
+        x2 = _value(a2, k)
+        y0 = _value(b0, k)
+        y1 = _value(b1, k)
+        y2 = _value(b2, k)
+        s00 += x0 * y0
+        s01 += x0 * y1
+        s02 += x0 * y2
+        s10 += x1 * y0
+        s11 += x1 * y1
+        s12 += x1 * y2
+        s20 += x2 * y0
+        s21 += x2 * y1
+        s22 += x2 * y2
+    out[i, j] += s00
+    out[i, j + 1] += s01
+    out[i, j + 2] += s02
+    out[i + 1, j] += s10
+    out[i + 1, j + 1] += s11
+    out[i + 1, j + 2] += s12
+    out[i + 2, j] += s20
+    out[i + 2, j + 1] += s21
+    out[i + 2, j + 2] += s22
+
+
+@_inline
+def _chunk(block, start, stop, zero, out):
+    last = block.shape[0] - 1
+    for i in range(0, last + 1, 3):
+        a0 = block[i, start:stop]
+        a1 = block[min(i + 1, last), start:stop]
+        a2 = block[min(i + 2, last), start:stop]
+        for j in range(0, i, 3):
+            b0 = block[j, start:stop]
+            b1 = block[j + 1, start:stop]
+            b2 = block[j + 2, start:stop]
+            _tile(a0, a1, a2, b0, b1, b2, zero, out, i, j)
+        _diagonal(a0, a1, a2, zero, out, i)
+
+
+@_jit
+def gram(block, begin, end, zero, out):
+    for start in range(begin, end, COLUMNS):
+        _chunk(block, start, min(start + COLUMNS, end), zero, out)
+
+
+@_inline
+def _bf16(value):
+    word = _bitcast(value)
+    if word & np.uint32(0x7FFFFFFF) > np.uint32(0x7F800000):
+        return np.uint16(0x7FC0)
+    bias = np.uint32(0x7FFF) + ((word >> np.uint32(16)) & np.uint32(1))
+    return np.uint16((word + bias) >> np.uint32(16))
+
+
+@_jit
+def combine_bf16(out, bits, begin, end, weights, accumulate):
+    total = np.empty(COLUMNS, np.float32)
+    for start in range(begin, end, COLUMNS):
+        target = out[start : min(start + COLUMNS, end)]
+        if accumulate:
+            for k in range(target.shape[0]):
+                total[k] = _value(target, k)
+        else:
+            total[:] = 0
+        for i in range(bits.shape[0]):
+            row = bits[i, start : start + target.shape[0]]
+            w = weights[i]
+            for k in range(row.shape[0]):
+                total[k] += w * _value(row, k)
+        for k in range(target.shape[0]):
+            target[k] = _bf16(total[k])

@@ -1,0 +1,131 @@
+"""Compiled CPU kernels for the Gram matrix and the bf16 combination (optional, Numba).
+
+PyTorch's CPU BLAS multiplies a ``(r, n)`` block by its transpose with small-matrix kernels
+that are bound by arithmetic when ``r ≤ 9`` and ``n`` is in the millions: two to five times
+slower than reading the rows (see docs/benchmarks.md). The kernels here read each row once,
+in column chunks of :data:`COLUMNS` that stay in the core's cache, and form the
+``r(r+1)/2`` dot products in 3×3 register tiles. Each chunk's sums are accumulated in the
+rows' precision (fp32 for bf16, whose values widen to fp32 exactly) and added up in float64,
+which is more accurate than one BLAS call. The bf16 combination accumulates in fp32 and
+rounds once to the nearest even bf16, as PyTorch's conversion does.
+
+They run when `Numba <https://numba.pydata.org>`_ is installed (``pip install
+"gradsurgery[fast]"``) and the environment variable ``GRADSURGERY_KERNELS`` is not ``0``, on
+CPU blocks of fp32, fp64 and bf16 in row-major order; :mod:`gradsurgery.gram` otherwise
+computes the same quantities with PyTorch operations (``tests/test_kernels.py`` checks that
+the two agree). Large blocks are split by columns over ``torch.get_num_threads()`` threads
+(the kernels release the GIL). Numba caches the compiled code on disk; the first call in a
+fresh environment compiles it, about a second per dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from itertools import pairwise
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["COLUMNS", "available", "combine_bf16_", "gram", "supports"]
+
+COLUMNS = 8192
+"""Columns per chunk: 8192 fp32 values of 9 rows (288 KiB) stay in a core's L2 cache."""
+
+_TILE = 3
+_PER_THREAD = 1 << 20
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def available() -> bool:
+    """Whether the compiled kernels are used: Numba imports and ``GRADSURGERY_KERNELS != 0``."""
+    return os.environ.get("GRADSURGERY_KERNELS", "1") != "0" and _compiled() is not None
+
+
+def supports(block: Tensor) -> bool:
+    """Whether the kernels take ``block``: a row-major CPU fp32, fp64 or bf16 matrix."""
+    return (
+        block.device.type == "cpu"
+        and block.dtype in _DTYPES
+        and block.dim() == 2
+        and block.is_contiguous()
+        and available()
+    )
+
+
+def gram(block: Tensor) -> Tensor:
+    """``block @ block.T`` in float64, exactly symmetric, for a block :func:`supports` takes."""
+    kernels = _module()
+    rows, n = block.shape
+    padded = _TILE * -(-rows // _TILE)
+    if block.dtype == torch.bfloat16:
+        array, zero = _bits(block), np.float32(0)
+    else:
+        array = block.detach().numpy()
+        zero = array.dtype.type(0)
+    calls = [(array, *part, zero, np.zeros((padded, padded))) for part in _columns(n)]
+    _run(kernels.gram, calls)
+    total = sum(call[-1] for call in calls[1:]) + calls[0][-1]
+    lower = torch.from_numpy(total[:rows, :rows]).tril()
+    return lower + lower.tril(-1).T
+
+
+def combine_bf16_(out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool) -> None:
+    """bf16 ``out ← out + blockᵀ w`` (``accumulate``) or ``out ← blockᵀ w``, in fp32, rounded once.
+
+    ``out`` ``(n,)`` and ``block`` ``(r, n)`` are contiguous CPU bf16 tensors that do not
+    overlap; ``weights`` has ``r`` entries.
+    """
+    kernels = _module()
+    w = weights.detach().to(device="cpu", dtype=torch.float32).numpy()
+    target, rows = _bits(out), _bits(block)
+    _run(
+        kernels.combine_bf16,
+        [(target, rows, *part, w, accumulate) for part in _columns(out.numel())],
+    )
+
+
+def _columns(n: int) -> list[tuple[int, int]]:
+    """Column ranges ``[start, stop)`` of whole chunks, one per thread if ``n`` is worth it."""
+    threads = max(1, min(torch.get_num_threads(), n // _PER_THREAD))
+    chunks = -(-n // COLUMNS)
+    bounds = [COLUMNS * (chunks * i // threads) for i in range(threads)] + [n]
+    return list(pairwise(bounds))
+
+
+def _run(kernel: Callable[..., None], calls: list[tuple[Any, ...]]) -> None:
+    if len(calls) == 1:
+        kernel(*calls[0])
+        return
+    for future in [_pool().submit(kernel, *args) for args in calls]:
+        future.result()
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count(), thread_name_prefix="gradsurgery")
+
+
+def _bits(tensor: Tensor) -> Any:
+    return tensor.detach().view(torch.int16).numpy().view(np.uint16)
+
+
+def _module() -> Any:
+    kernels = _compiled()
+    if kernels is None:
+        raise ImportError('gradsurgery.kernels needs Numba: pip install "gradsurgery[fast]"')
+    return kernels
+
+
+@cache
+def _compiled() -> ModuleType | None:
+    try:
+        from gradsurgery import _numba_kernels
+    except ImportError:
+        return None
+    return _numba_kernels

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradsurgery import sync
+
 __all__ = ["COLUMNS", "available", "combine_bf16_", "gram", "supports"]
 
 COLUMNS = 8192
@@ -48,9 +50,12 @@ def available() -> bool:
 
 
 def supports(block: Tensor) -> bool:
-    """Whether the kernels take ``block``: a row-major CPU fp32, fp64 or bf16 matrix."""
+    """Whether the kernels take ``block``: a row-major CPU fp32, fp64 or bf16 matrix.
+
+    CPU means a device where :func:`gradsurgery.sync.host_reads_are_free`.
+    """
     return (
-        block.device.type == "cpu"
+        sync.host_reads_are_free(block.device)
         and block.dtype in _DTYPES
         and block.dim() == 2
         and block.is_contiguous()

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 import gradsurgery
+from gradsurgery import kernels
 from gradsurgery.bench import report, timing
 from gradsurgery.bench.methods import METHODS
 from gradsurgery.bench.runner import Settings, memory_limit, run_config
@@ -78,6 +79,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "threads": threads,
         "cores": _cores(),
         "peers": {pkg: _version(pkg) for pkg in ("torchjd", "quadprog", "numpy")},
+        "cpu_kernels": f"numba {_version('numba')}" if kernels.available() else "off",
     }
 
 

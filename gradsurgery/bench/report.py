@@ -43,7 +43,8 @@ def _machines(doc: dict[str, Any]) -> list[str]:
         m, s = run["machine"], run["settings"]
         lines.append(
             f"- run {i}: {m['device_name']} ({m['device']}), {m['date']}, torch {m['torch']}, "
-            f"gradsurgery {m['gradsurgery']}; {s['repeat']} samples after {s['warmup']} "
+            f"gradsurgery {m['gradsurgery']}, CPU kernels {m.get('cpu_kernels', 'off')}; "
+            f"{s['repeat']} samples after {s['warmup']} "
             f"warm-ups, validate={s['validate']}, clock={s.get('clock', 'wall')}"
         )
     return lines

@@ -128,20 +128,57 @@ def _bf16(value):
     return np.uint16((word + bias) >> np.uint32(16))
 
 
+@_inline
+def _add_rows(total, rows, start, weights):
+    m = total.shape[0]
+    i = 0
+    while i + 4 <= rows.shape[0]:
+        x0 = rows[i, start : start + m]
+        x1 = rows[i + 1, start : start + m]
+        x2 = rows[i + 2, start : start + m]
+        x3 = rows[i + 3, start : start + m]
+        w0, w1, w2, w3 = weights[i], weights[i + 1], weights[i + 2], weights[i + 3]
+        for k in range(m):
+            total[k] += (
+                w0 * _value(x0, k) + w1 * _value(x1, k) + w2 * _value(x2, k) + w3 * _value(x3, k)
+            )
+        i += 4
+    if i + 2 <= rows.shape[0]:
+        x0 = rows[i, start : start + m]
+        x1 = rows[i + 1, start : start + m]
+        w0, w1 = weights[i], weights[i + 1]
+        for k in range(m):
+            total[k] += w0 * _value(x0, k) + w1 * _value(x1, k)
+        i += 2
+    if i < rows.shape[0]:
+        x0 = rows[i, start : start + m]
+        w0 = weights[i]
+        for k in range(m):
+            total[k] += w0 * _value(x0, k)
+
+
 @_jit
-def combine_bf16(out, bits, begin, end, weights, accumulate):
+def combine(out, rows, begin, end, weights, accumulate):
+    for start in range(begin, end, COLUMNS):
+        target = out[start : min(start + COLUMNS, end)]
+        if not accumulate:
+            for k in range(target.shape[0]):
+                target[k] = 0
+        _add_rows(target, rows, start, weights)
+
+
+@_jit
+def combine_bf16(out, rows, begin, end, weights, accumulate):
     total = np.empty(COLUMNS, np.float32)
     for start in range(begin, end, COLUMNS):
         target = out[start : min(start + COLUMNS, end)]
+        part = total[: target.shape[0]]
         if accumulate:
-            for k in range(target.shape[0]):
-                total[k] = _value(target, k)
+            for k in range(part.shape[0]):
+                part[k] = _value(target, k)
         else:
-            total[:] = 0
-        for i in range(bits.shape[0]):
-            row = bits[i, start : start + target.shape[0]]
-            w = weights[i]
-            for k in range(row.shape[0]):
-                total[k] += w * _value(row, k)
-        for k in range(target.shape[0]):
-            target[k] = _bf16(total[k])
+            for k in range(part.shape[0]):
+                part[k] = 0
+        _add_rows(part, rows, start, weights)
+        for k in range(part.shape[0]):
+            target[k] = _bf16(part[k])

@@ -4,11 +4,11 @@ Everything a gradient-surgery step reads from the full-size gradients goes throu
 operations on a ``(r, n)`` block of stacked gradient rows:
 
 * :func:`gram` -- ``G = B Bᵀ`` (one matrix product, returned in float64), and
-* :func:`combine_` -- ``out ← β·out + Bᵀ w`` (one matrix-vector product, written in place).
+* :func:`combine_` -- ``out ← β·out + Bᵀ w`` (a matrix-vector product, written in place).
 
 On the CPU, the compiled kernels of :mod:`gradsurgery.kernels` (with Numba installed) compute
-the Gram of fp32, fp64 and bf16 blocks and the bf16 combination at about the speed of
-reading the rows; what follows is how PyTorch computes them otherwise, and on accelerators.
+the Gram and the combination of fp32, fp64 and bf16 blocks at about the speed of reading
+the rows; what follows is how PyTorch computes them otherwise, and on accelerators.
 fp32 and fp64 blocks use one BLAS call each, with TF32 (or bf16 emulation on the CPU)
 switched off for the call even when the user enabled it globally: a Gram in TF32 carries
 only ~3 significant digits. fp16 and bf16 blocks are processed in chunks that are upcast to
@@ -173,12 +173,8 @@ def combine_(out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool) -
     (any floating dtype; it is cast to the compute precision). ``out`` must not overlap
     ``block``. Returns ``out``.
     """
-    if (
-        block.dtype == out.dtype == torch.bfloat16
-        and kernels.supports(block)
-        and out.is_contiguous()
-    ):
-        kernels.combine_bf16_(out, block, weights, accumulate=accumulate)
+    if out.dtype == block.dtype and out.is_contiguous() and kernels.supports(block):
+        kernels.combine_(out, block, weights, accumulate=accumulate)
         return out
     beta = 1.0 if accumulate else 0.0
     with ieee_fp32_matmul():

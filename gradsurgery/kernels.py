@@ -1,4 +1,4 @@
-"""Compiled CPU kernels for the Gram matrix and the bf16 combination (optional, Numba).
+"""Compiled CPU kernels for the Gram matrix and the combination of rows (optional, Numba).
 
 PyTorch's CPU BLAS multiplies a ``(r, n)`` block by its transpose with small-matrix kernels
 that are bound by arithmetic when ``r ≤ 9`` and ``n`` is in the millions: two to five times
@@ -6,8 +6,9 @@ slower than reading the rows (see docs/benchmarks.md). The kernels here read eac
 in column chunks of :data:`COLUMNS` that stay in the core's cache, and form the
 ``r(r+1)/2`` dot products in 3×3 register tiles. Each chunk's sums are accumulated in the
 rows' precision (fp32 for bf16, whose values widen to fp32 exactly) and added up in float64,
-which is more accurate than one BLAS call. The bf16 combination accumulates in fp32 and
-rounds once to the nearest even bf16, as PyTorch's conversion does.
+which is more accurate than one BLAS call. The combination ``out ← (out +) Σ_k w_k row_k``
+adds four rows per pass over a chunk; in bf16 it accumulates in fp32 and rounds once to the
+nearest even bf16, as PyTorch's conversion does.
 
 They run when `Numba <https://numba.pydata.org>`_ is installed (``pip install
 "gradsurgery[fast]"``) and the environment variable ``GRADSURGERY_KERNELS`` is not ``0``, on
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from gradsurgery import sync
 
-__all__ = ["COLUMNS", "available", "combine_bf16_", "gram", "supports"]
+__all__ = ["COLUMNS", "available", "combine_", "gram", "supports"]
 
 COLUMNS = 8192
 """Columns per chunk: 8192 fp32 values of 9 rows (288 KiB) stay in a core's L2 cache."""
@@ -80,19 +81,20 @@ def gram(block: Tensor) -> Tensor:
     return lower + lower.tril(-1).T
 
 
-def combine_bf16_(out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool) -> None:
-    """bf16 ``out ← out + blockᵀ w`` (``accumulate``) or ``out ← blockᵀ w``, in fp32, rounded once.
+def combine_(out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool) -> None:
+    """``out ← out + blockᵀ w`` (``accumulate``) or ``out ← blockᵀ w``, in place.
 
-    ``out`` ``(n,)`` and ``block`` ``(r, n)`` are contiguous CPU bf16 tensors that do not
-    overlap; ``weights`` has ``r`` entries.
+    ``out`` ``(n,)`` and ``block`` ``(r, n)`` are contiguous CPU tensors of one dtype that
+    :func:`supports` takes, and do not overlap; ``weights`` has ``r`` entries. Sums are
+    accumulated in the rows' precision (fp32 for bf16, rounded once to the nearest even).
     """
     kernels = _module()
-    w = weights.detach().to(device="cpu", dtype=torch.float32).numpy()
-    target, rows = _bits(out), _bits(block)
-    _run(
-        kernels.combine_bf16,
-        [(target, rows, *part, w, accumulate) for part in _columns(out.numel())],
-    )
+    if block.dtype == torch.bfloat16:
+        kernel, target, rows, dtype = kernels.combine_bf16, _bits(out), _bits(block), torch.float32
+    else:
+        kernel, target, rows, dtype = kernels.combine, out.numpy(), block.numpy(), block.dtype
+    w = weights.detach().to(device="cpu", dtype=dtype).numpy()
+    _run(kernel, [(target, rows, *part, w, accumulate) for part in _columns(out.numel())])
 
 
 def _columns(n: int) -> list[tuple[int, int]]:

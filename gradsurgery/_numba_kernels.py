@@ -13,7 +13,10 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-COLUMNS = 8192
+from gradsurgery.kernels import COLUMNS
+
+__all__ = ["combine", "combine_bf16", "gram"]
+
 _FLAGS = {"reassoc", "contract"}
 _jit = njit(fastmath=_FLAGS, nogil=True, cache=True)
 _inline = njit(fastmath=_FLAGS, nogil=True, cache=True, inline="always")

@@ -149,16 +149,29 @@ def test_a_measurement_that_contradicts_itself_is_warned_about():
     assert report.problems(bench_doc(6.5, "thread", gem=clean_entry())) == []
 
 
-def test_a_floor_whose_copy_bandwidth_drifts_is_warned_about():
-    steady = {**clean_entry(), "floor_samples": [1.0, 1.02, 0.98], "copy_bandwidth_GBps": 18.0}
+def test_a_floor_whose_bandwidth_drifts_is_warned_about():
+    steady = {**clean_entry(), "floor_samples": [1.0, 1.02, 0.98], "bandwidth_GBps": 18.0}
     assert report.problems(bench_doc(1.0, gem=steady, mgda=steady)) == []
     shaky = {**steady, "floor_samples": [1.0, 2.0, 0.5, 2.2, 0.4]}
-    slower = {**steady, "copy_bandwidth_GBps": 7.7}
+    slower = {**steady, "bandwidth_GBps": 7.7}
     found = report.problems(bench_doc(1.0, gem=shaky, mgda=slower))
     assert len(found) == 2
-    assert "gem 2e4 fp32 t=2: the floor's copies spread ±" in found[0]
+    assert "gem 2e4 fp32 t=2: the floor's samples spread ±" in found[0]
     assert "bandwidth changed while timing" in found[0]
-    assert "2e4 fp32: the copy bandwidth drifted from 18.0 GB/s (gem t=2) to 7.7 GB/s" in found[1]
+    assert "2e4 fp32: the memory bandwidth drifted from 18.0 GB/s (gem t=2) to 7.7" in found[1]
+    # runs recorded before the in-place addition joined the floor still render
+    old = {**steady, "copy_bandwidth_GBps": 7.7}
+    del old["bandwidth_GBps"]
+    assert "drifted from 18.0 GB/s" in report.problems(bench_doc(1.0, gem=steady, mgda=old))[0]
+
+
+def test_the_floor_takes_the_faster_of_a_copy_and_an_in_place_addition(monkeypatch):
+    # per sample: the surgery, then a copy (2 values per element), then an addition (3)
+    for copy, add, per_value in ((6.0, 12.0, 3.0), (6.0, 6.0, 2.0)):
+        times = iter([1.0, copy, add] * 2)
+        monkeypatch.setattr(timing, "measure", lambda fn, device, times=times: next(times))
+        timed, rate = timing.interleaved(lambda: None, torch.ones(2), torch.device("cpu"), 1, 1)
+        assert timed == [1.0] and rate == [per_value / 2]
 
 
 def test_the_printed_tables_start_with_the_warnings(capsys):

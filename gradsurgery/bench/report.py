@@ -50,13 +50,18 @@ def _machines(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _bandwidth(entry: dict[str, Any]) -> float:
+    """The floor's bandwidth in GB/s (earlier runs recorded a copy's only)."""
+    return float(entry.get("bandwidth_GBps", entry.get("copy_bandwidth_GBps", 0.0)))
+
+
 def problems(doc: dict[str, Any]) -> list[str]:
     """Why the figures of ``doc`` cannot be trusted as they stand (none: an empty list).
 
     A machine loaded above its cores (timed by the wall clock), a median whose interquartile
     range exceeds :data:`WIDE_SPREAD` of it, a part (Gram, solve, apply) slower than the
     whole surgery's upper quartile, a surgery faster than the memory-bandwidth floor, a
-    floor whose copies spread beyond :data:`WIDE_SPREAD`, or a copy bandwidth that drifts
+    floor whose samples spread beyond :data:`WIDE_SPREAD`, or a memory bandwidth that drifts
     beyond it between the configurations of one size and dtype: each means the clock
     measured the machine's other work, not the surgery.
     """
@@ -99,19 +104,19 @@ def problems(doc: dict[str, Any]) -> list[str]:
                 q1, median, q3 = statistics.quantiles(floor, n=4, method="inclusive")
                 if q3 - q1 > WIDE_SPREAD * median:
                     found.append(
-                        f"{method} {where}: the floor's copies spread "
+                        f"{method} {where}: the floor's samples spread "
                         f"±{50 * (q3 - q1) / median:.0f} % of their median: the memory "
                         "bandwidth changed while timing"
                     )
-            if "copy_bandwidth_GBps" in e:
+            if "ratio_to_floor" in e:
                 bandwidths.setdefault(f"{r['size']} {r['dtype']}", []).append(
-                    (e["copy_bandwidth_GBps"], f"{method} t={r['t']}")
+                    (_bandwidth(e), f"{method} t={r['t']}")
                 )
     for where, seen in bandwidths.items():
         (low, slow), (high, fast) = min(seen), max(seen)
         if high > (1 + WIDE_SPREAD) * low:
             found.append(
-                f"{where}: the copy bandwidth drifted from {high:.1f} GB/s ({fast}) to "
+                f"{where}: the memory bandwidth drifted from {high:.1f} GB/s ({fast}) to "
                 f"{low:.1f} GB/s ({slow}), beyond ±{50 * WIDE_SPREAD:.0f} %: the floors of "
                 "one size are not comparable (a quieter machine)"
             )
@@ -163,7 +168,7 @@ def markdown(doc: dict[str, Any]) -> str:
             else:
                 lines.append(
                     f"{head} {_ms(e['total']['median_s'])} | {_spread(e['total'])} | "
-                    f"{e['ratio_to_floor']:.2f}× | {e['copy_bandwidth_GBps']:.1f} | "
+                    f"{e['ratio_to_floor']:.2f}× | {_bandwidth(e):.1f} | "
                     + " | ".join(_ms(e[part]["median_s"]) for part in ("gram", "solve", "apply"))
                     + f" | {e['host_syncs']} | {_mib(e['extra_memory_bytes'])} / "
                     f"{_mib(e['transient_bytes'])} |"

@@ -61,16 +61,16 @@ def _relative(x: Tensor, reference: Tensor) -> float:
 def _measure_case(case: Case, settings: Settings) -> dict[str, Any]:
     device, repeat, warmup = settings.device, settings.repeat, settings.warmup
     row = case.rows[0]
-    total, copies = timing.interleaved(case.surgery, row, device, repeat, warmup, case.setup)
+    total, per_value = timing.interleaved(case.surgery, row, device, repeat, warmup, case.setup)
     entry: dict[str, Any] = {"total": timing.summary(total)}
     for part, fn in case.parts.items():
         entry[part] = timing.summary(timing.samples(fn, device, repeat, warmup, case.setup))
-    copy = statistics.median(copies)
+    values = case.floor_values * row.numel()
     entry["floor_values_per_parameter"] = case.floor_values
-    entry["floor_s"] = case.floor_values / 2 * copy
-    entry["floor_samples"] = [case.floor_values / 2 * c for c in copies]
+    entry["floor_s"] = values * statistics.median(per_value)
+    entry["floor_samples"] = [values * seconds for seconds in per_value]
     entry["ratio_to_floor"] = entry["total"]["median_s"] / entry["floor_s"]
-    entry["copy_bandwidth_GBps"] = 2 * row.numel() * row.element_size() / copy / 1e9
+    entry["bandwidth_GBps"] = row.element_size() / statistics.median(per_value) / 1e9
     entry["extra_memory_bytes"] = case.extra_bytes
     case.setup()
     entry["transient_bytes"] = timing.transient_bytes(case.surgery, device)

@@ -95,21 +95,27 @@ def interleaved(
     warmup: int,
     setup: Step = lambda: None,
 ) -> tuple[list[float], list[float]]:
-    """Samples of ``fn`` and of copying ``row``, alternated.
+    """Samples of ``fn`` and of the time the memory takes to move one value, alternated.
 
-    A copy moves ``2·row.numel()`` values; timed next to ``fn`` sample by sample, it gives
-    the bandwidth of the same moments, which drifts on a shared machine as ``fn``'s does.
+    With each sample of ``fn``, two streaming kernels are timed on ``row``: a copy
+    (``scratch ← row``: two values moved per element) and an in-place addition
+    (``scratch += row``: three). The faster per value is the sample's rate: on a CPU a
+    copy's store first reads the line it overwrites, which an in-place update does not, so
+    the copy alone understates the bandwidth. Timed next to ``fn`` sample by sample, the rate
+    follows the machine's drift as ``fn``'s times do. The scratch is written before it is
+    read (an unwritten tensor reads the shared zero page and copies fake-fast).
     """
     scratch = torch.empty_like(row)
-    timed, copies = [], []
+    timed, per_value = [], []
     for i in range(warmup + repeat):
         setup()
         seconds = measure(fn, device)
         copy = measure(lambda: scratch.copy_(row), device)
+        add = measure(lambda: scratch.add_(row), device)
         if i >= warmup:
             timed.append(seconds)
-            copies.append(copy)
-    return timed, copies
+            per_value.append(min(copy / 2, add / 3) / row.numel())
+    return timed, per_value
 
 
 def summary(times: list[float]) -> dict[str, Any]:

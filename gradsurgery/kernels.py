@@ -4,7 +4,7 @@ PyTorch's CPU BLAS multiplies a ``(r, n)`` block by its transpose with small-mat
 that are bound by arithmetic when ``r ≤ 9`` and ``n`` is in the millions: two to five times
 slower than reading the rows (see docs/benchmarks.md). The kernels here read each row once,
 in column chunks of :data:`COLUMNS` that stay in the core's cache, and form the
-``r(r+1)/2`` dot products in 3×3 register tiles. Each chunk's sums are accumulated in the
+``r(r+1)/2`` dot products in register tiles. Each chunk's sums are accumulated in the
 rows' precision (fp32 for bf16, whose values widen to fp32 exactly) and added up in float64,
 which is more accurate than one BLAS call. The combination ``out ← (out +) Σ_k w_k row_k``
 adds four rows per pass over a chunk; in bf16 it accumulates in fp32 and rounds once to the
@@ -16,7 +16,7 @@ CPU blocks of fp32, fp64 and bf16 in row-major order; :mod:`gradsurgery.gram` ot
 computes the same quantities with PyTorch operations (``tests/test_kernels.py`` checks that
 the two agree). Large blocks are split by columns over ``torch.get_num_threads()`` threads
 (the kernels release the GIL). Numba caches the compiled code on disk; the first call in a
-fresh environment compiles it, about a second per dtype.
+fresh environment compiles those of its dtype (a few seconds).
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ __all__ = ["COLUMNS", "available", "combine_", "gram", "supports"]
 COLUMNS = 8192
 """Columns per chunk: 8192 fp32 values of 9 rows (288 KiB) stay in a core's L2 cache."""
 
-_TILE = 3
 _PER_THREAD = 1 << 20
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
@@ -68,7 +67,7 @@ def gram(block: Tensor) -> Tensor:
     """``block @ block.T`` in float64, exactly symmetric, for a block :func:`supports` takes."""
     kernels = _module()
     rows, n = block.shape
-    padded = _TILE * -(-rows // _TILE)
+    padded = 5 if rows in (4, 5) else 10 if rows in (7, 8, 9) else 3 * -(-rows // 3)
     if block.dtype == torch.bfloat16:
         array, zero = _bits(block), np.float32(0)
     else:

@@ -82,7 +82,7 @@ def problems(doc: dict[str, Any]) -> list[str]:
                     "or a quieter machine)"
                 )
             for part in ("gram", "solve", "apply"):
-                if e[part]["median_s"] > total["q3_s"]:
+                if part in e and e[part]["median_s"] > total["q3_s"]:
                     found.append(
                         f"{method} {where}: its {part} ({_ms(e[part]['median_s'])}) took "
                         f"longer than the whole surgery ({_ms(total['median_s'])}, upper "
@@ -163,7 +163,10 @@ def markdown(doc: dict[str, Any]) -> str:
                 lines.append(
                     f"{head} {_ms(e['total']['median_s'])} | {_spread(e['total'])} | "
                     f"{e['ratio_to_floor']:.2f}× | {e['copy_bandwidth_GBps']:.1f} | "
-                    + " | ".join(_ms(e[part]["median_s"]) for part in ("gram", "solve", "apply"))
+                    + " | ".join(
+                        _ms(e[part]["median_s"]) if part in e else "none"
+                        for part in ("gram", "solve", "apply")
+                    )
                     + f" | {e['host_syncs']} | {_mib(e['extra_memory_bytes'])} / "
                     f"{_mib(e['transient_bytes'])} |"
                 )

@@ -26,7 +26,8 @@ each writes the combination into its own shard.
 
 NaN and Inf reach every rank through these reductions (a non-finite value anywhere makes
 the reduced rows, or the reduced Gram matrix, non-finite everywhere), so every rank skips
-(under a GradScaler) or raises identically. Random orders
+(under a GradScaler) or raises identically; ``Uniform``, which computes no Gram matrix,
+all-reduces its flags (:meth:`Replicated.any_rank`, :meth:`Sharded.any_rank`). Random orders
 (PCGrad, GradVac) are drawn from a generator whose state is broadcast from the group's
 first rank when the wrapper is built.
 """

@@ -4,7 +4,8 @@ A :class:`MultiObjectiveOptimizer` keeps one row of the flat gradient buffer per
 objective (a source language, a task), filled by the backward passes run inside
 ``with opt.objective(name):`` (or all at once by :meth:`MultiObjectiveOptimizer.backward`).
 Each step a subclass turns the rows' Gram matrix into weights ``w``, and the wrapper writes
-``d = Σ_t w_t g_t`` into ``.grad`` (row 0) before the inner optimizer steps. Nothing but
+``d = Σ_t w_t g_t`` into ``.grad`` (row 0) before the inner optimizer steps (``Uniform``,
+whose weights are ``1/T``, computes no Gram matrix unless asked to). Nothing but
 the objectives' rows is read: a backward pass run outside every ``objective`` block would
 be lost, so with ``validate=True`` it raises instead.
 """

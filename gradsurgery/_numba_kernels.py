@@ -285,16 +285,21 @@ def _add_rows(total, rows, start, weights):
 
 @_jit
 def combine(out, rows, begin, end, weights, accumulate):
+    non_finite = 0
     for start in range(begin, end, COLUMNS):
         target = out[start : min(start + COLUMNS, end)]
         if not accumulate:
             for k in range(target.shape[0]):
                 target[k] = 0
         _add_rows(target, rows, start, weights)
+        for k in range(target.shape[0]):
+            non_finite += not np.isfinite(target[k])
+    return non_finite
 
 
 @_jit
 def combine_bf16(out, rows, begin, end, weights, accumulate):
+    non_finite = 0
     total = np.empty(COLUMNS, np.float32)
     for start in range(begin, end, COLUMNS):
         target = out[start : min(start + COLUMNS, end)]
@@ -307,4 +312,7 @@ def combine_bf16(out, rows, begin, end, weights, accumulate):
                 part[k] = 0
         _add_rows(part, rows, start, weights)
         for k in range(part.shape[0]):
-            target[k] = _bf16(part[k])
+            rounded = _bf16(part[k])
+            target[k] = rounded
+            non_finite += rounded & np.uint16(0x7F80) == np.uint16(0x7F80)
+    return non_finite

@@ -26,7 +26,8 @@ each writes the combination into its own shard.
 
 NaN and Inf reach every rank through these reductions (a non-finite value anywhere makes
 the reduced rows, or the reduced Gram matrix, non-finite everywhere), so every rank skips
-(under a GradScaler) or raises identically. Random orders
+(under a GradScaler) or raises identically; ``Uniform``, which computes no Gram matrix,
+all-reduces its flags (:meth:`Replicated.any_rank`, :meth:`Sharded.any_rank`). Random orders
 (PCGrad, GradVac) are drawn from a generator whose state is broadcast from the group's
 first rank when the wrapper is built.
 """
@@ -165,12 +166,19 @@ class Replicated:
                 torch.distributed.broadcast(row[world * even :], src=last, group=self.group)
 
     def any_rank(self, flag: Tensor) -> Tensor:
-        """0-d bool: ``flag`` on any rank (a decision read from this rank's columns only)."""
-        if not self.scatter:
-            return flag
-        value = flag.to(torch.int32).reshape(1)
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=self.group)
-        return value.reshape(()).bool()
+        """Bool ``flag`` (any shape) true wherever it is on any rank (``scatter`` only).
+
+        For decisions read from this rank's columns; without ``scatter`` every rank reads
+        the same averaged rows and decides alike: ``flag`` as is.
+        """
+        return _any_rank(flag, self.group) if self.scatter else flag
+
+
+def _any_rank(flag: Tensor, group: ProcessGroup | None) -> Tensor:
+    """Bool ``flag`` OR-ed elementwise over ``group`` (one all-reduce of its entries)."""
+    value = flag.to(torch.int32)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=group)
+    return value.bool()
 
 
 def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
@@ -272,8 +280,11 @@ class Sharded:
         """Nothing to do: each rank steps its own shards."""
 
     def any_rank(self, flag: Tensor) -> Tensor:
-        """``flag`` as is."""
-        return flag
+        """Bool ``flag`` (any shape) true wherever it is on any rank (one small all-reduce).
+
+        Each rank reads only its own shards: a decision read from them is made global.
+        """
+        return _any_rank(flag, self.group)
 
 
 Distributed = Union[Replicated, Sharded]  # noqa: UP007 (a runtime alias on Python 3.10)

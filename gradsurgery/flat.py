@@ -337,6 +337,10 @@ class GradientBank:
         """Record that row 0 is zero now (right after it was zeroed), for :meth:`row0_zero`."""
         self._zero_versions = None if self._sharded else [g._version for g in self._grads[0]]
 
+    def forget_row0_zero(self) -> None:
+        """Record that row 0 may hold values now (written through the blocks, not ``.grad``)."""
+        self._zero_versions = None
+
     def row0_zero(self) -> bool:
         """Whether row 0 is known zero, without reading it (False: unknown).
 
@@ -366,7 +370,7 @@ class GradientBank:
 
         ``weights`` has one entry per row of ``rows`` (default: every row after the first).
         """
-        self._zero_versions = None
+        self.forget_row0_zero()
         for block in self.blocks:
             _gram.combine_(block[0], block[rows], weights, accumulate=accumulate)
 
@@ -392,7 +396,7 @@ class GradientBank:
 
     def combine_segments_(self, weights: Tensor, rows: slice) -> None:
         """Write ``row0`` of each parameter as ``Σ_k weights[param, k] · row_k`` of it."""
-        self._zero_versions = None
+        self.forget_row0_zero()
         start = 0
         for block, segments in zip(self.blocks, self.segments, strict=True):
             part = weights[start : start + segments.count]

@@ -42,6 +42,7 @@ __all__ = [
     "CHUNK",
     "CPU_CHUNK",
     "combine_",
+    "combine_checked_",
     "combine_overflows",
     "compute_dtype",
     "cross",
@@ -187,6 +188,36 @@ def combine_(out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool) -
                 combined += out[part].float()
             out[part].copy_(combined)
     return out
+
+
+def combine_checked_(out: Tensor, block: Tensor, weights: Tensor) -> Tensor:
+    """Write ``out ← blockᵀ weights`` as :func:`combine_` does; 0-d bool: surely finite.
+
+    Each written column chunk is reduced while it is still in cache: fp32 and fp64 chunks
+    to their sum, fp16 and bf16 chunks to their smallest and largest value. NaN and ±Inf
+    propagate through every sum (``Inf − Inf`` is NaN) and every minimum and maximum, so
+    ``True`` proves every written value finite. ``False`` means a written value is NaN or
+    ±Inf, or (fp32 and fp64 only, for values near the dtype's largest) that a sum of
+    finite values overflowed: read ``out`` again to tell. The written values are
+    :func:`combine_`'s (each column is computed alone). The compiled kernels count the
+    non-finite values they write instead, which is exact.
+    """
+    if out.dtype == block.dtype and out.is_contiguous() and kernels.supports(block):
+        bad = kernels.combine_(out, block, weights, accumulate=False)
+        return torch.tensor(bad == 0)
+    width = CPU_CHUNK if block.device.type == "cpu" else CHUNK
+    reduced = [torch.zeros((), dtype=out.dtype, device=out.device)]
+    with ieee_fp32_matmul():
+        if block.dtype not in _LOW_PRECISION:
+            w = weights.to(block.dtype)
+            for start in range(0, block.shape[1], width):
+                part = slice(start, min(start + width, block.shape[1]))
+                reduced.append(out[part].addmv_(block[:, part].T, w, beta=0.0).sum())
+        else:
+            w = weights.float()
+            for part, chunk in _upcast_chunks(block):
+                reduced.extend(torch.aminmax(out[part].copy_(chunk.T @ w)))
+    return torch.stack(reduced).isfinite().all()
 
 
 def combine_overflows(out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool) -> Tensor:

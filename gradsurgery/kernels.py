@@ -80,12 +80,13 @@ def gram(block: Tensor) -> Tensor:
     return lower + lower.tril(-1).T
 
 
-def combine_(out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool) -> None:
-    """``out ← out + blockᵀ w`` (``accumulate``) or ``out ← blockᵀ w``, in place.
+def combine_(out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool) -> int:
+    """``out ← out + blockᵀ w`` (``accumulate``) or ``out ← blockᵀ w``; how many are not finite.
 
     ``out`` ``(n,)`` and ``block`` ``(r, n)`` are contiguous CPU tensors of one dtype that
     :func:`supports` takes, and do not overlap; ``weights`` has ``r`` entries. Sums are
     accumulated in the rows' precision (fp32 for bf16, rounded once to the nearest even).
+    Returns the number of NaN and ±Inf values written, counted while each chunk is in cache.
     """
     kernels = _module()
     if block.dtype == torch.bfloat16:
@@ -93,7 +94,8 @@ def combine_(out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool) -
     else:
         kernel, target, rows, dtype = kernels.combine, out.numpy(), block.numpy(), block.dtype
     w = weights.detach().to(device="cpu", dtype=dtype).numpy()
-    _run(kernel, [(target, rows, *part, w, accumulate) for part in _columns(out.numel())])
+    calls = [(target, rows, *part, w, accumulate) for part in _columns(out.numel())]
+    return int(sum(_run(kernel, calls)))
 
 
 def _columns(n: int) -> list[tuple[int, int]]:
@@ -104,12 +106,11 @@ def _columns(n: int) -> list[tuple[int, int]]:
     return list(pairwise(bounds))
 
 
-def _run(kernel: Callable[..., None], calls: list[tuple[Any, ...]]) -> None:
+def _run(kernel: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]:
+    """``kernel`` called on each argument tuple, on the pool's threads if more than one."""
     if len(calls) == 1:
-        kernel(*calls[0])
-        return
-    for future in [_pool().submit(kernel, *args) for args in calls]:
-        future.result()
+        return [kernel(*calls[0])]
+    return [future.result() for future in [_pool().submit(kernel, *args) for args in calls]]
 
 
 @cache

@@ -374,3 +374,86 @@ def one_column(rank: int | None, layout: Any) -> Tensor:
     opt.apply_surgery()
     assert w.grad is not None
     return w.grad * 1e150
+
+
+def _uniform_step(
+    opt: Uniform,
+    net: nn.Module,
+    local: Callable[[], AbstractContextManager[None]],
+    fault: str | None,
+    step: int,
+    rank: int,
+) -> str:
+    """One step of :func:`uniform_faults` with ``fault`` (``None``: clean); what it raised."""
+    x, y = batch(step, rank)
+    scaler = opt.grad_scaler
+    opt.zero_grad()
+    for k in range(T):
+        term = loss(net, x[k], y[k])
+        if k == 1 and fault in ("nan", "scaler"):
+            term = term * float("nan")
+        if k == 1 and fault == "nan_last":
+            term = term + float("nan") * last_column(net)
+        with opt.objective(k), local():
+            (term if scaler is None else scaler.scale(term)).backward()
+    if fault == "stray":
+        with torch.no_grad():
+            opt.bank.params[0].grad.add_(1.0)  # type: ignore[union-attr]
+    try:
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+    except (NonFiniteGradientError, RuntimeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return ""
+
+
+def uniform_faults(rank: int, mode: str) -> dict[str, Any]:
+    """Uniform's Gram-free step with a fault on rank 1 only: every rank decides alike.
+
+    ``nan``: an objective's loss is NaN; ``nan_last``: only the last parameter's gradient
+    is (in the last rank's columns or shard); ``stray``: a value written into ``.grad``
+    outside every objective (``Replicated(scatter=False)`` decides it per rank, as with
+    the Gram matrix: not run there); ``scaler``: ``nan`` under a GradScaler, skipped.
+    Each records what the step raised, whether anything changed, and the parameters
+    after a clean step that follows.
+    """
+    out: dict[str, Any] = {}
+    faults = ["nan", "nan_last", "scaler"] + ([] if mode == "ddp" else ["stray"])
+    for fault in faults:
+        model = make_model()
+        net: nn.Module = model
+        layout: Any
+        local: Callable[[], AbstractContextManager[None]] = nullcontext
+        if mode in SCATTER:
+            ddp = nn.parallel.DistributedDataParallel(model)
+            net, layout, local = ddp, Replicated(scatter=SCATTER[mode]), ddp.no_sync
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            net, layout = fully_shard(model), Sharded()  # type: ignore[assignment]
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if fault == "scaler" else None
+        opt = Uniform(
+            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            T,
+            grad_scaler=scaler,
+            distributed=layout,
+        )
+        _uniform_step(opt, net, local, None, 0, rank)
+        before = ([full(p) for p in model.parameters()], str(opt.state_dict()))
+        raised = _uniform_step(opt, net, local, fault if rank == 1 else None, 1, rank)
+        unchanged = (
+            all(torch.equal(full(p), q) for p, q in zip(model.parameters(), before[0], strict=True))
+            and str(opt.state_dict()) == before[1]
+        )
+        out[fault] = {
+            "raised": raised,
+            "unchanged": unchanged,
+            "skipped": opt.last_stats is not None and opt.last_stats.skipped,
+            "scale": None if scaler is None else scaler.get_scale(),
+        }
+        _uniform_step(opt, net, local, None, 1, rank)
+        out[fault]["after"] = [full(p) for p in model.parameters()]
+    return out

@@ -86,6 +86,19 @@ def test_render_merges_runs(tmp_path: Path):
     assert merged["results"][1]["methods"] == doc["results"][0]["methods"]
 
 
+def test_uniform_has_no_gram_part_and_its_own_floor():
+    doc = main([*TINY, "--t", "3", "--methods", "uniform", "mgda", "--no-peers"])
+    (result,) = doc["results"]
+    uniform, mgda = result["methods"]["uniform"], result["methods"]["mgda"]
+    assert "gram" not in uniform and "gram" in mgda
+    for part in ("total", "solve", "apply"):
+        check_times(uniform[part])
+    assert uniform["floor_values_per_parameter"] == 3 + 1  # read the rows once, write d
+    assert mgda["floor_values_per_parameter"] == 2 * 3 + 1
+    row = next(line for line in report.markdown(doc).splitlines() if "| uniform |" in line)
+    assert row.split(" | ")[8] == "none"  # the Gram column
+
+
 def test_sizes_and_parameters():
     assert parse_size("mbert") == ("mbert", PRESETS["mbert"])
     assert parse_size("1e8") == ("1e8", 100_000_000)
@@ -147,6 +160,10 @@ def test_a_measurement_that_contradicts_itself_is_warned_about():
     assert "pcgrad 2e4 fp32 t=2: 0.40× the floor" in found[3]
     # the thread clock does not count waiting for a core: a busy machine is no problem then
     assert report.problems(bench_doc(6.5, "thread", gem=clean_entry())) == []
+    # Uniform's apply part is all of its surgery: its noise is no contradiction
+    whole_apply = clean_entry()
+    whole_apply["apply"]["median_s"] = 1.04 * whole_apply["total"]["q3_s"]
+    assert report.problems(bench_doc(1.0, "thread", uniform=whole_apply)) == []
 
 
 def test_a_floor_whose_bandwidth_drifts_is_warned_about():

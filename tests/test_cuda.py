@@ -7,7 +7,7 @@ Skipped without a CUDA device (see conftest.py); run them on a GPU machine with
 import pytest
 import torch
 
-from gradsurgery import GEMProjector
+from gradsurgery import GEMProjector, NonFiniteGradientError, Uniform, gram
 from gradsurgery.functional import gem_project
 from tests.helpers import memory_loss, mlp, task_loss
 
@@ -84,3 +84,50 @@ def test_tf32_does_not_leak_into_the_gram():
         assert torch.backends.cuda.matmul.fp32_precision == "tf32"
     finally:
         torch.backends.cuda.matmul.fp32_precision = previous
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_uniform_without_a_gram_matrix_on_the_device(dtype):
+    """The checked write in column chunks: no sync with validate=False, the Gram path's
+    ``.grad`` bit for bit, the CPU's within rounding, a NaN row refused with ``.grad`` zero."""
+    p = gram.CHUNK + 12_345  # two chunks on the device
+    rows = torch.randn(3, p, generator=torch.Generator().manual_seed(0)).to(dtype)
+    grads = {}
+    for device, stats, validate in [
+        ("cuda", False, False),
+        ("cuda", True, True),
+        ("cpu", False, True),
+    ]:
+        w = torch.zeros(p, dtype=dtype, device=device, requires_grad=True)
+        opt = Uniform(torch.optim.SGD([w], lr=0.1), 3, stats=stats, validate=validate)
+        opt.zero_grad()
+        for k in range(3):
+            with opt.objective(k):
+                (w * rows[k].to(device)).sum().backward()
+        if device == "cuda" and not validate:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.apply_surgery()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert w.grad is not None
+        grads[device, stats] = w.grad.cpu()
+    assert torch.equal(grads["cuda", False], grads["cuda", True])
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(
+        grads["cuda", False], grads["cpu", False], rtol=tolerance, atol=tolerance
+    )
+
+    w = torch.zeros(p, dtype=dtype, device="cuda", requires_grad=True)
+    opt = Uniform(torch.optim.SGD([w], lr=0.1), 3)
+    opt.zero_grad()
+    for k in range(3):
+        with opt.objective(k):
+            spoiled = rows[k].cuda().clone()
+            if k == 2:
+                spoiled[-1] = float("nan")  # in the second chunk
+            (w * spoiled).sum().backward()
+    with pytest.raises(NonFiniteGradientError, match="NaN or Inf"):
+        opt.step()
+    assert w.grad is not None and not bool(w.grad.any()) and not bool(w.any())

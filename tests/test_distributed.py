@@ -44,6 +44,7 @@ from tests.distributed_cases import (
     step_traffic,
     tiny,
     train,
+    uniform_faults,
 )
 
 
@@ -63,6 +64,9 @@ def worker(rank: int, port: int, out_dir: str) -> None:
                 results[f"traffic/{mode}/{name}"] = step_traffic(mode, name, rank)
         for name in ("gem1", "gradvac_param"):
             results[f"traffic/auto/{name}"] = step_traffic("auto", name, rank)
+        for mode in ("ddp", "scatter", "fsdp"):
+            results[f"traffic/{mode}/uniform"] = step_traffic(mode, "uniform", rank)
+            results[f"uniform/{mode}"] = uniform_faults(rank, mode)
         results["nan"] = nan_on_one_rank(rank, scatter=False)
         results["nan/auto"] = nan_on_one_rank(rank, scatter=None)
         results["nan/scatter"] = nan_on_one_rank(rank, scatter=True)
@@ -145,6 +149,41 @@ def test_the_collectives_of_a_step(ranks):
         # three), and for per-parameter GradVac, which cannot run on a rank's columns
         assert ranks[r]["traffic/auto/gem1"] == [("all_reduce", p * 8)]
         assert ranks[r]["traffic/auto/gradvac_param"] == [("all_reduce", T * p * 8)]
+
+
+def test_uniform_exchanges_two_flags_instead_of_a_gram_matrix(ranks):
+    p = sum(q.numel() for q in make_model().parameters())
+    even = p // WORLD * WORLD
+    for r in range(WORLD):
+        assert ranks[r]["traffic/ddp/uniform"] == [("all_reduce", T * p * 8)]
+        assert ranks[r]["traffic/fsdp/uniform"] == [("all_reduce", 2 * 4)]
+        assert ranks[r]["traffic/scatter/uniform"] == [
+            *[("reduce_scatter_tensor", even * 8)] * T,
+            ("all_reduce", T * (p - even) * 8),
+            ("all_reduce", 2 * 4),  # non-finite, stray: one int32 each
+            ("all_gather_into_tensor", even * 8),
+            ("broadcast", (p - even) * 8),
+        ]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "scatter", "fsdp"])
+def test_a_fault_on_one_rank_stops_uniform_on_every_rank(ranks, mode):
+    results = [ranks[r][f"uniform/{mode}"] for r in range(WORLD)]
+    expected = {
+        "nan": "NonFiniteGradientError: a gradient holds NaN or Inf",
+        "nan_last": "NonFiniteGradientError: a gradient holds NaN or Inf",
+        "stray": "RuntimeError: a backward pass outside every",
+        "scaler": "",
+    }
+    for fault in results[0]:
+        for got in results:
+            assert got[fault]["raised"].startswith(expected[fault]), (fault, got[fault])
+            assert got[fault]["unchanged"]
+        if fault == "scaler":
+            assert all(got[fault]["skipped"] and got[fault]["scale"] == 2.0**7 for got in results)
+        after = [got[fault]["after"] for got in results]
+        assert all(torch.equal(a, b) for a, b in zip(*after, strict=True))
+    assert ("stray" in results[0]) == (mode != "ddp")
 
 
 @pytest.mark.parametrize("key", ["nan", "nan/scatter", "nan/scatter/last", "nan/auto"])

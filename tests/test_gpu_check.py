@@ -6,6 +6,7 @@ benchmark run per size and dtype, the merged report) at a tiny size on the CPU.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def test_the_dry_run_writes_the_tests_log_and_the_merged_report(tmp_path: Path):
     assert done.returncode == 0, done.stderr
     log = Path(f"{out}_tests.txt").read_text()
     assert "device: dry-run" in log and "torch" in log
-    assert "13 skipped" in log or " passed" in log  # the CUDA tests were collected
+    assert re.search(r"\b[1-9]\d* skipped", log) or " passed" in log  # the CUDA tests ran
     doc = json.loads(out.with_suffix(".json").read_text())
     assert len(doc["runs"]) == 2  # one run per dtype, merged
     assert {(r["dtype"], r["t"]) for r in doc["results"]} == {

@@ -142,7 +142,8 @@ def combinations(draw):
 def test_the_combination_is_exact_to_its_accumulation_and_one_rounding(case):
     out, block, weights, accumulate = case
     result = out.clone()
-    kernels.combine_(result, block, weights, accumulate=accumulate)
+    non_finite = kernels.combine_(result, block, weights, accumulate=accumulate)
+    assert non_finite == int((~result.isfinite()).sum())
     w = weights.to(gram.compute_dtype(block.dtype)).double()
     exact = block.double().T @ w + (out.double() if accumulate else 0.0)
     terms = block.double().abs().T @ w.abs() + (out.double().abs() if accumulate else 0.0)
@@ -173,9 +174,20 @@ def test_bf16_combination_propagates_nan_and_overflows_to_inf():
     block[0, 3] = float("nan")
     block[1, 5] = 3e38
     out = torch.zeros(40).bfloat16()
-    kernels.combine_(out, block, torch.tensor([1.0, 4.0]), accumulate=False)
+    assert kernels.combine_(out, block, torch.tensor([1.0, 4.0]), accumulate=False) == 2
     assert out[3].isnan() and out[5].isinf() and out[5] > 0
     assert torch.equal(out[[0, 1, 2]], torch.full((3,), 5.0).bfloat16())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_combination_counts_what_it_writes_not_finite(dtype):
+    block = torch.ones(3, 3 * kernels.COLUMNS + 1).to(dtype)
+    block[0, [7, kernels.COLUMNS]] = float("inf")
+    block[2, 2 * kernels.COLUMNS + 3] = float("nan")
+    block[1:, -1] = torch.finfo(dtype).max
+    out = torch.empty(block.shape[1], dtype=dtype)
+    assert kernels.combine_(out, block, torch.tensor([1.0, 1.0, 1.0]), accumulate=False) == 4
+    assert int((~out.isfinite()).sum()) == 4
 
 
 def test_bf16_combination_is_the_same_split_over_threads(monkeypatch):

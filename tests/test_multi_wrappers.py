@@ -85,6 +85,10 @@ def lfmlf_by_hand():
 
 CASES = {
     "uniform": (lambda net: Uniform(sgd(net), LANGUAGES), lambda: uniform_weights),
+    "uniform_stats": (
+        lambda net: Uniform(sgd(net), LANGUAGES, stats=True),
+        lambda: uniform_weights,
+    ),
     "mgda": (lambda net: MGDA(sgd(net), LANGUAGES), lambda: mgda_weights),
     "pcgrad": (
         lambda net: PCGrad(sgd(net), LANGUAGES, generator=seeded()),
@@ -110,7 +114,11 @@ def test_trajectory_equals_combining_by_hand(case):
         assert params_equal(net, ref), f"step {step}"
     stats = opt.last_stats.to_dict()
     assert all(isinstance(v, float) for v in stats.values())
-    assert any(key.startswith(f"{opt.stats_prefix}/dot/") for key in stats)
+    if case == "uniform":  # no Gram matrix: only what the step knows without one
+        names = ["skipped", *(f"weight/{name}" for name in LANGUAGES)]
+        assert stats == {f"uniform/{name}": 0.0 if name == "skipped" else 1 / 3 for name in names}
+    else:
+        assert any(key.startswith(f"{opt.stats_prefix}/dot/") for key in stats)
 
 
 def test_per_parameter_gradvac_equals_gradvac_on_each_tensor():

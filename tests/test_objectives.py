@@ -318,7 +318,7 @@ def test_objective_as_an_lfmlf_objective(tmp_path: Path, name: str) -> None:
     opt.backward({"en": objective(task, batches.sample()), "de": objective(task, batches.sample())})
     opt.step()
     stats = opt.last_stats
-    assert stats is not None and not stats.skipped
+    assert stats is not None and not stats.skipped and stats.gram is not None
     assert stats.weights.sum().item() == pytest.approx(1.0, abs=1e-6)
     assert (stats.dots >= -1e-6 * stats.gram.abs().max()).all()
     assert any(not torch.equal(a, p) for a, p in zip(before, params, strict=True))

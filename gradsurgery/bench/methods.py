@@ -4,16 +4,19 @@ Each case builds one wrapper on BERT-shaped parameters, fills its rows, and expo
 whole surgery (``opt._surgery``, what ``opt.step()`` runs before the inner step) and the
 same work in three parts, with the library's own functions on the same rows:
 
-* **gram**: ``bank.gram()`` (and ``bank.segment_gram`` for per-parameter GradVac);
+* **gram**: ``bank.gram()`` (and ``bank.segment_gram`` for per-parameter GradVac); none
+  for Uniform, which computes no Gram matrix;
 * **solve**: the weights from that Gram (``gem_multipliers``, or the wrapper's ``_decide``:
-  PCGrad's and GradVac's coefficients, MGDA's min-norm point, LF-MLF's QP on the host);
-* **apply**: ``.grad ← g + Jᵀv`` (GEM) or ``Jᵀw`` (the others) written in place, and for
-  LF-MLF ``ḡ += d``.
+  PCGrad's and GradVac's coefficients, MGDA's min-norm point, LF-MLF's QP on the host;
+  Uniform's ``1/T``);
+* **apply**: ``.grad ← g + Jᵀv`` (GEM) or ``Jᵀw`` (the others) written in place (Uniform's
+  checked as it is written), and for LF-MLF ``ḡ += d``.
 
 The **floor** of a case is the number of values its surgery must move: ``(2t + 3)·p`` for
 GEM and A-GEM (read ``[g; J]`` for the Gram, read it again and write ``x``),
-``(2T + 1)·p`` for the multi-objective wrappers and ``(2T + 4)·p`` for LF-MLF (which also
-reads ``ḡ`` with the rows, and reads and writes it once more to add ``d``).
+``(2T + 1)·p`` for the multi-objective wrappers, ``(T + 1)·p`` for Uniform (read the rows
+once, write ``d``) and ``(2T + 4)·p`` for LF-MLF (which also reads ``ḡ`` with the rows,
+and reads and writes it once more to add ``d``).
 """
 
 from __future__ import annotations
@@ -57,8 +60,9 @@ class Case:
         opt: the wrapper.
         rows: its gradient rows (constraints or objectives), for the peers.
         setup: puts ``.grad`` back as the backward passes left it (untimed, before each call).
-        parts: ``{"gram", "solve", "apply"}`` callables; ``solve`` and ``apply`` use a Gram
-            and weights computed once beforehand.
+        parts: ``{"gram", "solve", "apply"}`` callables (no ``"gram"`` where the surgery
+            computes none); ``solve`` and ``apply`` use a Gram and weights computed once
+            beforehand.
         floor_values: values per parameter the surgery must move.
         extra_bytes: what the wrapper keeps beyond ``.grad`` (its rows).
     """
@@ -148,9 +152,16 @@ def _multi(params: list[Tensor], t: int, validate: bool, method: str) -> Case:
         bank.mark_row0_zero()
 
     setup()
+    extra_bytes = block[1:].numel() * block.element_size()
+    if isinstance(opt, Uniform):
+        weights = opt._weights()
+        parts: dict[str, Step] = {
+            "solve": opt._weights,
+            "apply": lambda: opt._write_checked(bank, weights),
+        }
+        return Case(opt, block[rows], setup, parts, t + 1, extra_bytes)
     gram = bank.gram()
     per_parameter = isinstance(opt, GradVac) and opt.granularity == "parameter"
-    parts: dict[str, Step]
     if per_parameter:
         assert isinstance(opt, GradVac)
         segments = bank.segment_gram(rows)
@@ -182,7 +193,7 @@ def _multi(params: list[Tensor], t: int, validate: bool, method: str) -> Case:
             "apply": apply,
         }
     values = 2 * t + 4 if isinstance(opt, ParetoLessForgetting) else 2 * t + 1
-    return Case(opt, block[rows], setup, parts, values, block[1:].numel() * block.element_size())
+    return Case(opt, block[rows], setup, parts, values, extra_bytes)
 
 
 def build(

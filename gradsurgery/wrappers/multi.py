@@ -4,14 +4,14 @@ A :class:`MultiObjectiveOptimizer` keeps one row of the flat gradient buffer per
 objective (a source language, a task), filled by the backward passes run inside
 ``with opt.objective(name):`` (or all at once by :meth:`MultiObjectiveOptimizer.backward`).
 Each step a subclass turns the rows' Gram matrix into weights ``w``, and the wrapper writes
-``d = Σ_t w_t g_t`` into ``.grad`` (row 0) before the inner optimizer steps. Nothing but
+``d = Σ_t w_t g_t`` into ``.grad`` (row 0) before the inner optimizer steps (``Uniform``,
+whose weights are ``1/T``, computes no Gram matrix unless asked to). Nothing but
 the objectives' rows is read: a backward pass run outside every ``objective`` block would
 be lost, so with ``validate=True`` it raises instead.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -25,7 +25,6 @@ from torch.optim import Optimizer
 
 from gradsurgery import gram as _gram
 from gradsurgery.distributed import Distributed
-from gradsurgery.errors import NonFiniteGradientError
 from gradsurgery.wrappers import overflow
 from gradsurgery.wrappers.surgery import SurgeryOptimizer
 
@@ -40,7 +39,10 @@ class ObjectiveStats:
         names: the objectives' names, in row order.
         prefix: the method's name, used as the key prefix of :meth:`to_dict`.
         gram: ``(T, T)`` Gram matrix of the objectives' gradients, or ``(n, T, T)`` with one
-            per parameter tensor for per-parameter methods.
+            per parameter tensor for per-parameter methods; ``None`` when the step computed
+            none (``Uniform`` without ``stats=True``): :meth:`to_dict` then gives the
+            weights and ``skipped`` only, and :attr:`dots`, :attr:`direction_norm` and
+            :attr:`grad_norms` raise ``RuntimeError``.
         weights: ``(T,)`` weights of ``d = Σ_t w_t g_t``, or ``(n, T)`` per parameter tensor.
         skipped: the step was skipped (overflow under a GradScaler, or a Pareto-stationary
             point under the ``"skip"`` policy).
@@ -49,12 +51,18 @@ class ObjectiveStats:
 
     names: tuple[str, ...]
     prefix: str
-    gram: Tensor
+    gram: Tensor | None
     weights: Tensor
     skipped: bool = False
     extras: Mapping[str, Tensor] = field(default_factory=dict)
 
     def _batched(self) -> tuple[Tensor, Tensor]:
+        if self.gram is None:
+            raise RuntimeError(
+                "this step computed no Gram matrix of the objectives' gradients, so "
+                "⟨d, g_t⟩ and the norms are unknown: build Uniform with stats=True to "
+                "compute them (one more pass over the objectives' gradients per step)"
+            )
         if self.weights.dim() == 1:
             return self.gram.unsqueeze(0), self.weights.unsqueeze(0)
         return self.gram, self.weights
@@ -81,14 +89,16 @@ class ObjectiveStats:
     def to_dict(self) -> dict[str, float]:
         """Flat ``{"<method>/...": float}`` for a logger. Reads the values back to the host."""
         out: dict[str, float] = {"skipped": float(self.skipped)}
-        out["direction_norm"] = float(self.direction_norm)
+        if self.gram is not None:
+            out["direction_norm"] = float(self.direction_norm)
         out.update({key: float(value) for key, value in self.extras.items()})
-        per_row = [self.dots, self.grad_norms]
-        labels = ["dot", "grad_norm"]
+        per_row, labels = [], []
+        if self.gram is not None:
+            per_row, labels = [self.dots, self.grad_norms], ["dot", "grad_norm"]
         if self.weights.dim() == 1:
             per_row.append(self.weights)
             labels.append("weight")
-        values = torch.stack([row.double() for row in per_row]).tolist()
+        values = torch.stack([row.double() for row in per_row]).tolist() if per_row else []
         for label, row in zip(labels, values, strict=True):
             out.update(
                 {f"{label}/{name}": value for name, value in zip(self.names, row, strict=True)}
@@ -227,14 +237,29 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
 
         No pass over the gradients when the bank knows row 0 is still zero since
         ``zero_grad()`` (:meth:`~gradsurgery.flat.GradientBank.row0_zero`); else one read
-        of row 0 (its largest magnitude), or its entry of a Gram that includes it.
+        of row 0 (:meth:`_row0_read_clean`), or its entry of a Gram that includes it.
         """
         if with_row0:
             return gram[0, 0] == 0
         if not self.validate or self._bank.row0_zero():
             return torch.ones((), dtype=torch.bool, device=gram.device)
-        largest = [torch.linalg.vector_norm(block[0], ord=math.inf) for block in self._bank.blocks]
-        return torch.stack(largest).max() == 0
+        return self._row0_read_clean()
+
+    def _row0_read_clean(self) -> Tensor:
+        """0-d bool: whether row 0 is zero, from one read of it (its smallest and largest)."""
+        zero = [torch.ones((), dtype=torch.bool, device=self._bank.device)]
+        for block in self._bank.blocks:
+            if block.shape[1] > 0:
+                zero.extend(extreme == 0 for extreme in torch.aminmax(block[0]))
+        return torch.stack(zero).all()
+
+    def _stray_backward(self) -> RuntimeError:
+        """The error of a step whose ``.grad`` held a gradient before the surgery."""
+        return RuntimeError(
+            f"a backward pass outside every `{type(self).__name__}.objective(...)` "
+            "block wrote into .grad; it would be lost. Run each loss's backward "
+            "inside its objective block (or use .backward(losses)); nothing was changed"
+        )
 
     def _surgery(self) -> ObjectiveStats:
         bank = self._rows
@@ -265,17 +290,9 @@ class MultiObjectiveOptimizer(SurgeryOptimizer[ObjectiveStats]):
                 if self._scaler_enabled:
                     self._mark_overflow()  # every rank backs off, whichever rank's rows held it
                     return self._skipped(gram)
-                raise NonFiniteGradientError(
-                    "a gradient holds NaN or Inf values (or its squared norm overflows); "
-                    "nothing was changed. Check this step's losses, or pass a GradScaler to "
-                    "skip such steps"
-                )
+                raise overflow.non_finite_error()
             if self.validate and not clean:
-                raise RuntimeError(
-                    f"a backward pass outside every `{type(self).__name__}.objective(...)` "
-                    "block wrote into .grad; it would be lost. Run each loss's backward "
-                    "inside its objective block (or use .backward(losses)); nothing was changed"
-                )
+                raise self._stray_backward()
         generator: torch.Generator | None = getattr(self, "generator", None)
         drawn = None if fits or generator is None else generator.get_state()
         decision = self._decide(gram)

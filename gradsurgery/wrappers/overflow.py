@@ -28,7 +28,15 @@ from gradsurgery import gram as _gram
 from gradsurgery.distributed import Rows
 from gradsurgery.errors import NonFiniteGradientError
 
-__all__ = ["bound", "combine_overflows", "error", "limit", "norms", "row0_finite"]
+__all__ = [
+    "bound",
+    "combine_overflows",
+    "error",
+    "limit",
+    "non_finite_error",
+    "norms",
+    "row0_finite",
+]
 
 
 def limit(bank: Rows) -> float:
@@ -68,4 +76,13 @@ def error(bank: Rows) -> NonFiniteGradientError:
         "be Inf although every gradient is finite; nothing was changed. Keep the parameters "
         "in fp32 (autocast computes in fp16 without fp16 parameters) or scale the losses "
         "down, or pass a GradScaler to skip such steps"
+    )
+
+
+def non_finite_error() -> NonFiniteGradientError:
+    """The error of a step whose gradients hold NaN or Inf values."""
+    return NonFiniteGradientError(
+        "a gradient holds NaN or Inf values (or its squared norm overflows); "
+        "nothing was changed. Check this step's losses, or pass a GradScaler to "
+        "skip such steps"
     )

@@ -118,6 +118,10 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=os.cpu_count(), thread_name_prefix="gradsurgery")
 
 
+if hasattr(os, "register_at_fork"):  # a forked child has none of its parent's threads
+    os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
 def _bits(tensor: Tensor) -> Any:
     return tensor.detach().view(torch.int16).numpy().view(np.uint16)
 

@@ -1,5 +1,7 @@
 """The compiled CPU kernels agree with a float64 reference and with the PyTorch fallback."""
 
+import faulthandler
+import os
 import subprocess
 import sys
 
@@ -228,3 +230,17 @@ def test_without_numba_the_library_uses_pytorch():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_forked_child_splits_over_threads_of_its_own(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    block = torch.randn(2, 2 * kernels._PER_THREAD + 1)
+    expected = kernels.gram(block)  # the parent's pool now has threads
+    child = os.fork()
+    if child == 0:
+        faulthandler.dump_traceback_later(30, exit=True)  # a dead pool would wait forever
+        torch.set_num_threads(1)  # as DataLoader workers do: OpenMP's threads are gone too
+        os._exit(0 if torch.equal(kernels.gram(block), expected) else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -9,7 +9,7 @@ Both must accept and reject alike, and give the same multipliers where they are 
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -213,3 +213,26 @@ def test_vmap_takes_the_device_path():
         single = gem_multipliers(grams[i])
         assert torch.allclose(batched.v[i], single.v, rtol=1e-9, atol=1e-12)
         assert bool(batched.violated[i]) == bool(single.violated)
+
+
+@pytest.mark.parametrize("violated", [True, False])
+def test_a_bad_solver_is_refused_alike_whether_or_not_a_constraint_is_violated(violated):
+    g = torch.tensor([1.0, -2.0 if violated else 2.0, 0.5], dtype=torch.float64)
+    J = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    gram = stacked_gram(Problem(g, J))
+    for path in (nullcontext(), device_path()):
+        with path, pytest.raises(ValueError, match="exactly one constraint"):
+            gem_multipliers(gram, solver="closed_form")
+
+
+@pytest.mark.parametrize("t", [3, 7])
+def test_an_exactly_singular_system_is_recognised_on_the_host(t):
+    # NumPy refuses the whole batch for one singular system (t = 3); torch says which
+    A = np.stack([np.eye(t), np.ones((t, t)), 2 * np.eye(t)])
+    rhs = np.ones((3, t))
+    u, regular = qp_host._solve_systems(A, rhs)
+    assert regular is not None and regular.tolist() == [True, False, True]
+    assert np.allclose(u[[0, 2]], [np.ones(t), np.full(t, 0.5)])
+    u, regular = qp_host._solve_systems(A[[0, 2]], rhs[:2])
+    assert np.allclose(u, [np.ones(t), np.full(t, 0.5)])
+    assert regular is None or regular.all()

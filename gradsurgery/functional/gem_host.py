@@ -29,17 +29,19 @@ def multipliers(
     b = gram[1:, 0]
     K = gram[1:, 1:]
     t = b.shape[0]
-    zeros = np.zeros(t)
+    resolved = qp.resolve_solver(solver, t) if mode == "gem" else "closed_form"  # may raise
     with np.errstate(all="ignore"):  # non-finite input is the caller's to report
+        b_ref = b.sum() / t if mode == "agem" else None
+        violated = bool(b_ref < 0) if b_ref is not None else bool((b < 0).any())
+        if not violated:  # x = g: the device path solves anyway and discards the result
+            return np.zeros(t), False, 0.0
         # the size of the terms of x = g + Jᵀv when every v_k sits at its bound m
         unit = math.sqrt(max(gram[0, 0], 0.0)) + margin * float(
             np.sqrt(np.maximum(K.diagonal(), 0.0)).sum()
         )
         if eps:
             K = K + eps * np.eye(t)
-        if mode == "agem":
-            b_ref = b.sum() / t
-            violated = bool(b_ref < 0)
+        if b_ref is not None:
             v, residual = qp_host.solve_quietly(
                 (K.sum() / t**2).reshape(1, 1),
                 b_ref.reshape(1),
@@ -47,14 +49,11 @@ def multipliers(
                 "closed_form",
                 unit,
             )
-            v = np.repeat(v / t, t)
-        else:
-            violated = bool((b < 0).any())
-            resolved = qp.resolve_solver(solver, t)
-            if qp.is_host_solver(resolved) and not (violated and np.isfinite(gram).all()):
-                return zeros, violated, 0.0
-            v, residual = qp_host.solve_quietly(K, b, np.full(t, margin), resolved, unit)
-    return (v, True, residual) if violated else (zeros, False, 0.0)
+            return np.repeat(v / t, t), True, residual
+        if qp.is_host_solver(resolved) and not np.isfinite(gram).all():
+            return np.zeros(t), True, 0.0
+        v, residual = qp_host.solve_quietly(K, b, np.full(t, margin), resolved, unit)
+    return v, True, residual
 
 
 def read(

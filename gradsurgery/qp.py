@@ -215,13 +215,15 @@ def on_host(*tensors: Tensor) -> bool:
     grad, and not the batched stand-ins of ``torch.vmap``, which hold no memory. Everything
     else takes the torch path, sync-free on an accelerator.
     """
-    return all(
-        x.dtype == torch.float64
-        and not x.requires_grad
-        and sync.host_reads_are_free(x.device)
-        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-        for x in tensors
-    )
+    for x in tensors:
+        if (
+            x.dtype != torch.float64
+            or x.requires_grad
+            or not sync.host_reads_are_free(x.device)
+            or torch._C._functorch.is_functorch_wrapped_tensor(x)
+        ):
+            return False
+    return True
 
 
 def is_host_solver(solver: str) -> bool:

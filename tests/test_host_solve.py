@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from gradsurgery import GEMProjector, qp, qp_host, sync
 from gradsurgery import gram as gram_module
-from gradsurgery.errors import NonFiniteGradientError
+from gradsurgery.errors import NonFiniteGradientError, SolverError
 from gradsurgery.functional import gem_multipliers, gem_project
 from gradsurgery.functional.gem import check_solution
 from tests.strategies import Problem, dependent_problems, problems
@@ -166,24 +166,61 @@ def test_non_finite_grams_are_reported_alike_and_without_warnings(bad, where, mo
             gem_project(g, J)
 
 
-@given(nasty_problems())
-def test_a_wrapper_step_is_the_same_on_both_paths(problem):
-    def step() -> tuple[torch.Tensor, bool]:
-        weight = torch.nn.Parameter(torch.zeros_like(problem.g))
-        opt = GEMProjector(torch.optim.SGD([weight], lr=1.0), 0.0, constraints=problem.t)
-        weight.grad = problem.g.clone()
-        for k in range(problem.t):
-            with opt.constraint(k):
-                (weight * problem.J[k]).sum().backward()
-        opt.step()
-        assert opt.last_stats is not None
-        return -weight.detach(), bool(opt.last_stats.fallback)
+@given(
+    nasty_problems(),
+    st.sampled_from([torch.float64, torch.float32]),
+    st.sampled_from([1e-30, 1.0, 1e15]),
+    st.sampled_from(["gem", "agem"]),
+)
+def test_a_wrapper_step_is_the_same_on_both_paths(problem, dtype, scale, mode):
+    # fp32 rows are rounded Grams (near-dependent ones re-solved from the float64 Gram or by
+    # the fallback); 1e-30 underflows fp32 squares (the Gram is recomputed), 1e15 does not
+    g, J = (problem.g * scale).to(dtype), (problem.J * scale).to(dtype)
 
-    (x_host, fallback_host), (x_device, fallback_device) = both_paths(step)
-    assert fallback_host == fallback_device
-    multipliers = gem_multipliers(stacked_gram(problem)).v
-    terms = float(problem.g.norm() + (multipliers.abs() * problem.J.norm(dim=1)).sum())
-    assert float((x_host - x_device).norm()) <= RTOL * terms
+    def step() -> tuple[torch.Tensor, bool] | type[Exception]:
+        weight = torch.nn.Parameter(torch.zeros_like(g))
+        opt = GEMProjector(torch.optim.SGD([weight], lr=1.0), 0.0, constraints=len(J), mode=mode)
+        weight.grad = g.clone()
+        for k in range(len(J)):
+            with opt.constraint(k):
+                (weight * J[k]).sum().backward()
+        try:
+            opt.step()
+        except (SolverError, NonFiniteGradientError) as error:
+            assert torch.equal(weight.grad, g)  # nothing changed
+            return type(error)
+        assert opt.last_stats is not None
+        return -weight.detach().double(), bool(opt.last_stats.fallback)
+
+    host, device = both_paths(step)
+    if not isinstance(host, tuple) or not isinstance(device, tuple):
+        assert host == device
+        return
+    assert host[1] == device[1]  # the same fallback
+    unit = problem.g.norm() * scale
+    multipliers = gem_multipliers(stacked_gram(problem), mode=mode).v
+    terms = float(unit + (multipliers.abs() * problem.J.norm(dim=1) * scale).sum())
+    rtol = RTOL if dtype == torch.float64 else 1e-6
+    assert float((host[0] - device[0]).norm()) <= rtol * terms
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("margin", [0.0, 0.5])
+def test_near_opposite_constraints_are_projected_alike(dtype, margin):
+    # J₁ = −3·J₀ to a relative 1e-6 (multipliers of ~1e4-1e6): the multipliers of the two
+    # paths may differ by rounding times the conditioning, the projection may not
+    for seed in range(16):
+        rng = np.random.default_rng(seed)
+        p = int(rng.choice([10, 100, 1000]))
+        J = rng.standard_normal((int(rng.integers(2, 5)), p))
+        J[1] = -3 * J[0] + 1e-6 * np.linalg.norm(J[0]) * rng.standard_normal(p) / np.sqrt(p)
+        g = rng.standard_normal(p) - 2 * J[0] / np.linalg.norm(J[0]) * np.sqrt(p)
+        g_t, J_t = torch.tensor(g, dtype=dtype), torch.tensor(J, dtype=dtype)
+        host, device = both_paths(lambda: gem_project(g_t, J_t, margin))  # noqa: B023
+        v = gem_multipliers(stacked_gram(Problem(g_t.double(), J_t.double())), margin).v
+        terms = float(g_t.double().norm() + (v.abs() * J_t.double().norm(dim=1)).sum())
+        rtol = RTOL if dtype == torch.float64 else 1e-6
+        assert float((host.double() - device.double()).norm()) <= rtol * terms
 
 
 def test_only_float64_cpu_tensors_that_hold_memory_are_solved_on_the_host():

@@ -212,13 +212,14 @@ def on_host(*tensors: Tensor) -> bool:
 
     It does for float64 tensors whose values the host reads for free
     (:func:`gradsurgery.sync.host_reads_are_free`: the CPU) as NumPy arrays: not requiring
-    grad, and not the batched stand-ins of ``torch.vmap``, which hold no memory. Everything
-    else takes the torch path, sync-free on an accelerator.
+    grad while grad mode is on (the NumPy path has no derivative), and not the batched
+    stand-ins of ``torch.vmap``, which hold no memory. Everything else takes the torch
+    path, sync-free on an accelerator.
     """
     for x in tensors:
         if (
             x.dtype != torch.float64
-            or x.requires_grad
+            or (x.requires_grad and torch.is_grad_enabled())
             or not sync.host_reads_are_free(x.device)
             or torch._C._functorch.is_functorch_wrapped_tensor(x)
         ):
@@ -286,7 +287,11 @@ def solve_lower_bounded(
     solver = resolve_solver(solver, K.shape[0])
     if on_host(K, b, lower) and (unit is None or on_host(unit)):
         host = qp_host.solve(
-            K.numpy(), b.numpy(), lower.numpy(), solver, None if unit is None else float(unit)
+            K.numpy(force=True),
+            b.numpy(force=True),
+            lower.numpy(force=True),
+            solver,
+            None if unit is None else float(unit),
         )
         return QPSolution(torch.from_numpy(host[0]), torch.tensor(host[1], dtype=torch.float64))
     problem = _scale(K, b, lower)

@@ -227,7 +227,9 @@ def test_only_float64_cpu_tensors_that_hold_memory_are_solved_on_the_host():
     K = torch.eye(2, dtype=torch.float64)
     assert qp.on_host(K)
     assert not qp.on_host(K.float())
-    assert not qp.on_host(K.requires_grad_())
+    with torch.no_grad():
+        assert qp.on_host(K.clone().requires_grad_())
+    assert not qp.on_host(K.clone().requires_grad_())
     with device_path():
         assert not qp.on_host(torch.eye(2, dtype=torch.float64))
     seen = []

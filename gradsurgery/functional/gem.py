@@ -128,7 +128,7 @@ def gem_multipliers(
     check_options(margin, mode, eps)
     check_no_autograd("gem_multipliers", gram=gram)
     if gram.dim() == 2 and gram.shape[0] > 1 and qp.on_host(gram):
-        host = gem_host.multipliers(gram.numpy(), margin, mode, solver, eps)
+        host = gem_host.multipliers(gram.numpy(force=True), margin, mode, solver, eps)
         return GEMSolution(
             torch.from_numpy(host[0]),
             torch.from_numpy(np.array(host[1])),
@@ -261,8 +261,10 @@ def _read(
 ) -> tuple[bool, bool, float, bool, float]:
     """``(finite, violated, kkt_residual, tiny, bound)`` in one host read (``gem_host.read``)."""
     if qp.on_host(gram, solution.v):
-        v = solution.v.numpy()
-        return gem_host.read(gram.numpy(), v, solution.violated, solution.kkt_residual, threshold)
+        v = solution.v.numpy(force=True)
+        return gem_host.read(
+            gram.numpy(force=True), v, solution.violated, solution.kkt_residual, threshold
+        )
     norms = gram.diagonal().clamp(min=0).sqrt()
     bound = norms[0] + (solution.v.abs() * norms[1:]).sum()
     tiny = (gram.diagonal() < threshold).any()

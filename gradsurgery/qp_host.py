@@ -83,7 +83,10 @@ def _subsets(t: int) -> _Subsets:
     free = ((codes & (1 << np.arange(t))) != 0).astype(np.float64)
     fixed = 1 - free
     identity = fixed[:, :, None] * np.eye(t)
-    return _Subsets(-free, fixed, free[:, :, None] * free[:, None, :], identity)
+    subsets = _Subsets(-free, fixed, free[:, :, None] * free[:, None, :], identity)
+    for array in subsets:  # shared by every later call
+        array.flags.writeable = False
+    return subsets
 
 
 def _unit_diagonal_scale(K: np.ndarray) -> np.ndarray:

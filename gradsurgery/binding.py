@@ -156,7 +156,10 @@ class BankChanges:
         params: Iterable[Tensor], held: tuple[Tensor, ...], signatures: dict[int, Signature]
     ) -> BankChanges:
         """Compare ``params`` with the ``held`` parameters and their recorded signatures."""
-        joined, left, recast, reshaped = [], [], [], []
+        joined: list[Tensor] = []
+        left: list[Tensor] = []
+        recast: list[Tensor] = []
+        reshaped: list[Tensor] = []
         seen: set[int] = set()
         for p in params:
             if id(p) in seen:
@@ -168,10 +171,8 @@ class BankChanges:
                     joined.append(p)
             elif not p.requires_grad:
                 left.append(p)
-            elif p.shape != recorded[2]:
-                reshaped.append(p)
-            elif signature(p) != recorded:
-                recast.append(p)
+            elif (p.dtype, p.device, p.shape, p.stride()) != recorded:  # signature(p)
+                (reshaped if p.shape != recorded[2] else recast).append(p)
         left.extend(p for p in held if id(p) not in seen)
         if not (joined or left or recast or reshaped):
             return _NO_CHANGE

@@ -313,9 +313,7 @@ class GradientBank:
 
     def without_gradient(self) -> list[int]:
         """Positions in :attr:`params` of the parameters no backward pass reached in any row."""
-        return [
-            i for i in range(len(self.params)) if not any(reached[i] for reached in self._reached)
-        ]
+        return [i for i, flags in enumerate(zip(*self._reached, strict=True)) if not any(flags)]
 
     @contextmanager
     def withheld(self, positions: list[int]) -> Iterator[None]:

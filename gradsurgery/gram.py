@@ -51,6 +51,7 @@ __all__ = [
     "ieee_fp32_matmul",
     "is_exact",
     "underflow_suspected",
+    "underflow_threshold",
 ]
 
 CHUNK = 1 << 22
@@ -129,9 +130,13 @@ def underflow_suspected(gram: Tensor, n: int, dtypes: Iterable[torch.dtype]) -> 
     squared norm) is below :math:`n \tau / \varepsilon`, where that loss could matter; a
     zero row is suspected too, since a row of tiny values may have summed to zero.
     """
+    return (gram.diagonal() < underflow_threshold(n, dtypes)).any()
+
+
+def underflow_threshold(n: int, dtypes: Iterable[torch.dtype]) -> float:
+    """The squared norm below which :func:`underflow_suspected` suspects underflow."""
     precisions = [torch.finfo(compute_dtype(dtype)) for dtype in dtypes]
-    threshold = max((n * info.tiny / info.eps for info in precisions), default=0.0)
-    return (gram.diagonal() < threshold).any()
+    return max((n * info.tiny / info.eps for info in precisions), default=0.0)
 
 
 def exact_gram(block: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ polyhedral cone (GEM). Solvers:
 ``"closed_form"``
     ``t = 1`` only: ``v = max(ℓ, −b/K)``.
 ``"enumerate"``
-    Exact, on the tensors' device, without host synchronisation: every one of the
+    Exact, on an accelerator without host synchronisation: every one of the
     :math:`2^t` choices of free variables gives a linear system; the answer is the
     candidate with the best certificate (:func:`kkt_residual`), which no candidate with
     huge multipliers from a singular system can pass. All candidates are solved in one
@@ -27,6 +27,11 @@ any qpsolvers backend (``"daqp"``, ``"quadprog"``, ``"osqp"``, ``"clarabel"``, .
     and ``"clarabel"`` run with tightened tolerances. See ``docs/solvers.md`` for the measured
     accuracy and time of each.
 
+Where the values are already on the host (float64 CPU tensors, :func:`on_host`), every
+solver runs the same algorithm in NumPy float64 instead (:mod:`gradsurgery.qp_host`): the
+problem is a few hundred numbers at most, and a NumPy operation on them costs a fraction of
+a torch operation's dispatch. Rounding aside, the answer is the same.
+
 Before solving, the problem is rescaled to a unit diagonal and ``max |b| = 1`` (a zero row
 keeps a unit scale). The solution is invariant to that rescaling, and the solvers'
 absolute tolerances then mean the same thing whether gradients are of size 1e-6 or 1e3.
@@ -35,15 +40,14 @@ absolute tolerances then mean the same thing whether gradients are of size 1e-6 
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from gradsurgery.errors import SolverError
+from gradsurgery import qp_host, sync
+from gradsurgery.qp_host import backend_solve
 
 __all__ = [
     "KKT_TOLERANCE",
@@ -53,6 +57,7 @@ __all__ = [
     "is_host_solver",
     "kkt_residual",
     "kkt_tolerance",
+    "on_host",
     "resolve_solver",
     "solve_lower_bounded",
 ]
@@ -77,19 +82,7 @@ def kkt_tolerance(t: int, gradient_dtypes: Iterable[torch.dtype]) -> float:
     return max(KKT_TOLERANCE, 8 * t * eps)
 
 
-_KKT_TOL = 1e-9
 _EPS = torch.finfo(torch.float64).eps
-# Interior-point and ADMM backends stop early at their default tolerances (OSQP off by up
-# to 6 %, Clarabel by 5e-6 relative on GEM duals); these settings make them exact to 1e-8.
-_BACKEND_OPTIONS: dict[str, dict[str, Any]] = {
-    "osqp": {"eps_abs": 1e-10, "eps_rel": 1e-10, "polish": True, "max_iter": 100_000},
-    "clarabel": {
-        "tol_gap_abs": 1e-12,
-        "tol_gap_rel": 1e-12,
-        "tol_feas": 1e-12,
-        "tol_ktratio": 1e-10,
-    },
-}
 
 
 class QPSolution(NamedTuple):
@@ -209,128 +202,29 @@ def _enumerate(problem: _Scaled) -> tuple[Tensor, Tensor]:
 
 
 def _qpsolvers(problem: _Scaled, solver: str) -> Tensor:
-    host = _Scaled(*(x.detach().cpu() for x in problem))
-    # A zero constraint row (an objective that reaches no parameter) has nothing to solve
-    # for: its multiplier stays at its bound. Backends that need K nonsingular fail on it.
-    live = host.K.diagonal() > 0
-    u = host.lower.clone()
-    if bool(live.any()):
-        P = host.K[live][:, live].numpy()
-        q, lb = host.b[live].numpy(), host.lower[live].numpy()
-        try:
-            x = backend_solve(solver, P, q, lb=lb)
-        except SolverError:
-            try:
-                x = backend_solve(solver, _nearby_convex(P), q, lb=lb)
-            except SolverError:
-                x = lb  # the active-set steps below then solve it from the bounds
-        u[live] = torch.as_tensor(x, dtype=torch.float64)
-    return _refine(host, u.maximum(host.lower)).to(problem.K.device)
+    host = qp_host.Problem(*(x.detach().cpu().numpy() for x in problem))
+    u = qp_host.backend_solution(host, solver)
+    return torch.from_numpy(u).to(problem.K.device)
 
 
-def _nearby_convex(P: np.ndarray) -> np.ndarray:
-    r"""``P + δI``, positive definite, with ``δ`` of the size of the Gram's rounding.
+def on_host(*tensors: Tensor) -> bool:
+    """Whether a solve on these tensors runs on the host, in NumPy (:mod:`gradsurgery.qp_host`).
 
-    A Gram matrix accumulated in fp32 from dependent rows (more constraints than
-    dimensions, near-opposite rows) is indefinite by its rounding: eigenvalues down to
-    about :math:`-t\,arepsilon_{32}` on the unit diagonal. Along such a direction the
-    dual is unbounded below and backends give no answer. The shifted problem is a
-    nearby one (a perturbation no larger than the rounding already in ``P``); its
-    solution is then finished and certified against the original ``P``.
+    It does for float64 tensors whose values the host reads for free
+    (:func:`gradsurgery.sync.host_reads_are_free`: the CPU) as NumPy arrays: not requiring
+    grad while grad mode is on (the NumPy path has no derivative), and not the batched
+    stand-ins of ``torch.vmap``, which hold no memory. Everything else takes the torch
+    path, sync-free on an accelerator.
     """
-    t = len(P)
-    lowest = float(np.linalg.eigvalsh(P)[0])
-    shift = 2 * max(-lowest, 0.0) + (t + 4) * float(_EPS)
-    shifted: np.ndarray = P + shift * np.eye(t)
-    return shifted
-
-
-def backend_solve(
-    solver: str, P: np.ndarray, q: np.ndarray, **constraints: np.ndarray
-) -> np.ndarray:
-    """Run ``qpsolvers.solve_qp(P, q, **constraints)`` with this project's tolerances.
-
-    Warnings are silenced and a missing answer raises :class:`SolverError`: every problem
-    solved here is feasible, so a missing answer is numerical.
-    """
-    import qpsolvers
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # qpsolvers warns about dense-to-sparse conversions
-        try:
-            x = qpsolvers.solve_qp(
-                P,
-                q,
-                solver=solver,
-                verbose=False,
-                **constraints,
-                **_BACKEND_OPTIONS.get(solver, {}),
-            )
-        except Exception as error:  # backends raise their own exception types
-            raise SolverError(f"qpsolvers backend {solver!r} failed: {error}") from error
-    if x is None or not np.all(np.isfinite(x)):
-        raise SolverError(
-            f"qpsolvers backend {solver!r} returned no solution ({len(q)} variables); the "
-            "problem is always feasible, so this is numerical: try another solver"
-        )
-    return np.asarray(x, dtype=np.float64)
-
-
-def _refine(problem: _Scaled, u: Tensor) -> Tensor:
-    """Finish a backend's solution exactly with Lawson–Hanson active-set steps.
-
-    Backends stop at their tolerances, and on degenerate problems (a singular ``K`` from
-    duplicate constraints or more constraints than parameters) DAQP alone was measured up
-    to 2e-5 off. Starting from the backend's free set, the loop below (the active-set
-    method of Lawson & Hanson's NNLS, on ``y = u − ℓ ≥ 0`` in Gram form, with least squares
-    for singular subsystems) ends at an exact KKT point; from a good start it ends at once.
-    The result replaces ``u`` only if its KKT residual is no larger.
-    """
-    K = problem.K.numpy()
-    lower = problem.lower.numpy()
-    q = problem.b.numpy() + K @ lower
-    y = np.maximum(u.numpy() - lower, 0.0)
-    passive = y > _KKT_TOL * (1 + y.max())
-    y = _towards_passive_optimum(K, q, passive, np.where(passive, y, 0.0))
-    seen = set()  # passive sets whose optimum was reached
-    for _ in range(3 * len(q) + 10):
-        gradient = K @ y + q
-        gradient[passive] = np.inf
-        j = int(np.argmin(gradient))
-        if gradient[j] >= -_KKT_TOL * (1 + np.abs(y).max()):
-            break
-        if passive.tobytes() in seen:
-            break  # the same optimum again: a cycle (singular K); the certificate decides
-        seen.add(passive.tobytes())
-        passive[j] = True
-        y = _towards_passive_optimum(K, q, passive, y)
-    refined = torch.as_tensor(y + lower, dtype=torch.float64)
-    return refined if bool(_certificate(problem, refined) <= _certificate(problem, u)) else u
-
-
-def _towards_passive_optimum(
-    K: np.ndarray, q: np.ndarray, passive: np.ndarray, y: np.ndarray
-) -> np.ndarray:
-    """Lawson–Hanson inner loop: move from feasible ``y`` to the optimum on the passive set.
-
-    Solves the stationarity equations of the passive variables (the others at 0); if that
-    point is infeasible, steps towards it until a passive variable reaches 0, drops it, and
-    repeats. ``passive`` is updated in place.
-    """
-    for _ in range(len(q) + 1):
-        index = np.flatnonzero(passive)
-        if index.size == 0:
-            return np.zeros_like(y)
-        z = np.zeros_like(y)
-        z[index] = np.linalg.lstsq(K[np.ix_(index, index)], -q[index], rcond=None)[0]
-        if np.all(z[index] > 0):
-            return z
-        blocking = index[z[index] <= 0]
-        alpha = np.min(y[blocking] / (y[blocking] - z[blocking]))
-        y = y + alpha * (z - y)
-        passive &= y > _KKT_TOL * (1 + np.abs(y).max())
-        y[~passive] = 0.0
-    return y
+    for x in tensors:
+        if (
+            x.dtype != torch.float64
+            or (x.requires_grad and torch.is_grad_enabled())
+            or not sync.host_reads_are_free(x.device)
+            or torch._C._functorch.is_functorch_wrapped_tensor(x)
+        ):
+            return False
+    return True
 
 
 def is_host_solver(solver: str) -> bool:
@@ -380,16 +274,26 @@ def solve_lower_bounded(
 
     Returns:
         The minimiser and its KKT residual (see :func:`kkt_residual`), on ``K``'s device.
-        With ``"closed_form"`` and ``"enumerate"`` nothing is copied to the host. A
-        qpsolvers backend that gives no answer (an fp32-accumulated ``K`` of dependent
-        rows is indefinite by its rounding) is given the nearby convex problem of
-        ``_nearby_convex``, and if it fails on that too, the active-set finish starts from
+        With ``"closed_form"`` and ``"enumerate"`` nothing is copied to the host; float64
+        CPU tensors (:func:`on_host`) are solved by the same algorithm in NumPy
+        (:mod:`gradsurgery.qp_host`). A qpsolvers backend that gives no answer (an
+        fp32-accumulated ``K`` of dependent rows is indefinite by its rounding) is given a
+        nearby convex problem, and if it fails on that too, the active-set finish starts from
         the bounds: there is always an answer, and its certificate says how good it is.
 
     Raises:
         ValueError: unknown or uninstalled solver.
     """
     solver = resolve_solver(solver, K.shape[0])
+    if on_host(K, b, lower) and (unit is None or on_host(unit)):
+        host = qp_host.solve(
+            K.numpy(force=True),
+            b.numpy(force=True),
+            lower.numpy(force=True),
+            solver,
+            None if unit is None else float(unit),
+        )
+        return QPSolution(torch.from_numpy(host[0]), torch.tensor(host[1], dtype=torch.float64))
     problem = _scale(K, b, lower)
     if solver == "enumerate":
         u, certificate = _enumerate(problem)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from gradsurgery import GEMProjector, qp
+from gradsurgery import GEMProjector, qp, qp_host, sync
 from gradsurgery import gram as gram_module
 from gradsurgery.errors import SolverError
 from gradsurgery.functional import gem_multipliers, gem_project
@@ -146,6 +146,20 @@ def uncertifiable(problem: qp._Scaled) -> tuple[torch.Tensor, torch.Tensor]:
     return problem.lower, qp._certificate(problem, problem.lower)
 
 
+def uncertifiable_on_host(problem: qp_host.Problem) -> tuple[np.ndarray, float]:
+    """The same, for the host path (float64 CPU tensors)."""
+    return problem.lower, float(qp_host.certificate(problem, problem.lower))
+
+
+def make_enumeration_uncertifiable(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """Make ``"enumerate"`` return a wrong point on ``path`` (the device path runs on CPU)."""
+    if path == "device":
+        monkeypatch.setattr(sync, "host_reads_are_free", lambda device: False)
+        monkeypatch.setattr(qp, "_enumerate", uncertifiable)
+    else:
+        monkeypatch.setattr(qp_host, "enumerate_candidates", uncertifiable_on_host)
+
+
 def issue_step(g: torch.Tensor, J: torch.Tensor) -> tuple[torch.nn.Linear, GEMProjector]:
     """A GEMProjector (margin 0) on one weight holding the issue's task and memory rows."""
     model = torch.nn.Linear(2, 1, bias=False).double()
@@ -157,8 +171,9 @@ def issue_step(g: torch.Tensor, J: torch.Tensor) -> tuple[torch.nn.Linear, GEMPr
     return model, opt
 
 
-def test_an_uncertified_device_answer_falls_back_to_the_exact_solver(monkeypatch):
-    monkeypatch.setattr(qp, "_enumerate", uncertifiable)
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_an_uncertified_device_answer_falls_back_to_the_exact_solver(monkeypatch, path):
+    make_enumeration_uncertifiable(monkeypatch, path)
     g = torch.tensor(ISSUE_G, dtype=torch.float64)
     J = torch.tensor(ISSUE_J, dtype=torch.float64)
     assert float(gem_project(g, J, validate=False).norm()) > 1  # the bad answer, unchecked
@@ -185,9 +200,10 @@ def test_a_certified_step_reports_no_fallback():
     assert not bool(opt.last_stats.fallback)
 
 
-def test_when_even_the_exact_solver_fails_nothing_changes(monkeypatch):
-    monkeypatch.setattr(qp, "_enumerate", uncertifiable)
-    monkeypatch.setattr(qp, "_qpsolvers", lambda problem, solver: problem.lower)
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_when_even_the_exact_solver_fails_nothing_changes(monkeypatch, path):
+    make_enumeration_uncertifiable(monkeypatch, path)
+    monkeypatch.setattr(qp_host, "backend_solution", lambda problem, solver: problem.lower)
     g = torch.tensor(ISSUE_G, dtype=torch.float64)
     J = torch.tensor(ISSUE_J, dtype=torch.float64)
     with pytest.raises(SolverError, match=FALLBACK_SOLVER):

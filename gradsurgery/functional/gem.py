@@ -42,12 +42,14 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from gradsurgery import gram as _gram
 from gradsurgery import qp, sync
 from gradsurgery.errors import NonFiniteGradientError, SolverError
+from gradsurgery.functional import gem_host
 from gradsurgery.functional.validation import check_no_autograd
 
 __all__ = ["FALLBACK_SOLVER", "GEMMode", "GEMSolution", "gem_multipliers", "gem_project"]
@@ -114,8 +116,10 @@ def gem_multipliers(
     Returns:
         The multipliers, whether a constraint was violated, the KKT residual and
         ``fallback`` false (:func:`check_solution` sets it). When the solver runs on the
-        device (``"closed_form"``, ``"enumerate"``), nothing is copied to the host. A host
-        backend always answers (see :func:`gradsurgery.qp.solve_lower_bounded`).
+        device (``"closed_form"``, ``"enumerate"``), nothing is copied to the host; a
+        float64 Gram on the CPU is solved there, in NumPy (:func:`gradsurgery.qp.on_host`),
+        by the same algorithm. A host backend always answers (see
+        :func:`gradsurgery.qp.solve_lower_bounded`).
 
     Raises:
         ValueError: bad options, or ``gram`` requires grad while grad mode is on (the
@@ -123,6 +127,14 @@ def gem_multipliers(
     """
     check_options(margin, mode, eps)
     check_no_autograd("gem_multipliers", gram=gram)
+    if gram.dim() == 2 and gram.shape[0] > 1 and qp.on_host(gram):
+        host = gem_host.multipliers(gram.numpy(force=True), margin, mode, solver, eps)
+        return GEMSolution(
+            torch.from_numpy(host[0]),
+            torch.from_numpy(np.array(host[1])),
+            torch.from_numpy(np.array(host[2])),
+            torch.from_numpy(np.array(False)),
+        )
     b = gram[1:, 0]
     K = gram[1:, 1:]
     t = b.shape[0]
@@ -211,14 +223,12 @@ def check_solution(
         validate: raise :class:`SolverError` for a solution that no solver could certify.
     """
     dtypes = list(dtypes)
-    suspected = _gram.underflow_suspected(gram, n, dtypes)
-    flags = [gram.isfinite().all(), solution.violated, solution.kkt_residual, suspected]
-    finite, violated, kkt, tiny, bound = torch.stack([*flags, _bound(gram, solution)]).tolist()
+    threshold = _gram.underflow_threshold(n, dtypes)
+    finite, violated, kkt, tiny, bound = _read(gram, solution, threshold)
     if tiny or not finite:  # underflow, or fp32 squares above 3e38 from finite gradients
         gram = exact_gram()
         solution = gem_multipliers(gram, margin, mode=mode, solver=solver, eps=eps)
-        flags = [gram.isfinite().all(), solution.violated, solution.kkt_residual]
-        finite, violated, kkt, bound = torch.stack([*flags, _bound(gram, solution)]).tolist()
+        finite, violated, kkt, _, bound = _read(gram, solution, threshold)
     if not finite:
         return CheckedSolution(False, bool(violated), gram, solution, math.inf)
     tolerance = qp.kkt_tolerance(gram.shape[0] - 1, dtypes)
@@ -229,12 +239,12 @@ def check_solution(
         gram = exact_gram()
         solution = gem_multipliers(gram, margin, mode=mode, solver=solver, eps=eps)
         tolerance = qp.kkt_tolerance(gram.shape[0] - 1, [torch.float64])
-        kkt, bound = torch.stack([solution.kkt_residual, _bound(gram, solution)]).tolist()
+        _, _, kkt, _, bound = _read(gram, solution, 0.0)
     resolved = qp.resolve_solver(solver, gram.shape[0] - 1)
     if violated and not kkt <= tolerance and mode == "gem" and resolved != FALLBACK_SOLVER:
         exact = gem_multipliers(gram, margin, mode=mode, solver=FALLBACK_SOLVER, eps=eps)
         solution = exact._replace(fallback=torch.ones_like(exact.fallback))
-        kkt, bound = torch.stack([solution.kkt_residual, _bound(gram, solution)]).tolist()
+        _, _, kkt, _, bound = _read(gram, solution, 0.0)
     if validate and not kkt <= tolerance:
         raise SolverError(
             f"the GEM dual could not be solved to a certified tolerance (KKT residual "
@@ -246,9 +256,21 @@ def check_solution(
     return CheckedSolution(True, bool(violated), gram, solution, bound)
 
 
-def _bound(gram: Tensor, solution: GEMSolution) -> Tensor:
+def _read(
+    gram: Tensor, solution: GEMSolution, threshold: float
+) -> tuple[bool, bool, float, bool, float]:
+    """``(finite, violated, kkt_residual, tiny, bound)`` in one host read (``gem_host.read``)."""
+    if qp.on_host(gram, solution.v):
+        v = solution.v.numpy(force=True)
+        return gem_host.read(
+            gram.numpy(force=True), v, solution.violated, solution.kkt_residual, threshold
+        )
     norms = gram.diagonal().clamp(min=0).sqrt()
-    return norms[0] + (solution.v.abs() * norms[1:]).sum()
+    bound = norms[0] + (solution.v.abs() * norms[1:]).sum()
+    tiny = (gram.diagonal() < threshold).any()
+    flags = [gram.isfinite().all(), solution.violated, solution.kkt_residual, tiny, bound]
+    finite, violated, kkt, suspected, bound_value = torch.stack(flags).tolist()
+    return bool(finite), bool(violated), kkt, bool(suspected), bound_value if finite else math.inf
 
 
 def raise_non_finite() -> None:

@@ -263,11 +263,13 @@ class SurgeryOptimizer(RoutingOptimizer, Generic[StatsT]):
             self._end_step()  # .grad was zeroed or replaced since: the surgery's result is gone
         surgery_ran_before = self._pending is not None
         stats = self._apply_surgery(scaler)
-        if surgery_ran_before:
-            self._sync_bank()
         bank = self._bank
-        removed = [i for i, p in enumerate(bank.params) if p.grad is None]
-        bank.repair()  # a .grad the user replaced (their clipping) is what is stepped
+        removed: list[int] = []
+        if surgery_ran_before:  # else the surgery just repaired .grad and wrote in place
+            self._sync_bank()
+            bank = self._bank
+            removed = [i for i, p in enumerate(bank.params) if p.grad is None]
+            bank.repair()  # a .grad the user replaced (their clipping) is what is stepped
         # Which parameters a rank reached is local; telling the ranks apart would cost a
         # host read, and withholding on one rank only would make the replicas diverge.
         unreached = bank.without_gradient() if self.distributed is None else []

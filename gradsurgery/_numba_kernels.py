@@ -284,7 +284,7 @@ def _add_rows(total, rows, start, weights):
 
 
 @_jit
-def combine(out, rows, begin, end, weights, accumulate):
+def combine(out, rows, begin, end, weights, accumulate, count):
     non_finite = 0
     for start in range(begin, end, COLUMNS):
         target = out[start : min(start + COLUMNS, end)]
@@ -292,13 +292,14 @@ def combine(out, rows, begin, end, weights, accumulate):
             for k in range(target.shape[0]):
                 target[k] = 0
         _add_rows(target, rows, start, weights)
-        for k in range(target.shape[0]):
-            non_finite += not np.isfinite(target[k])
+        if count:
+            for k in range(target.shape[0]):
+                non_finite += target[k] - target[k] != 0  # NaN for NaN and ±Inf only
     return non_finite
 
 
 @_jit
-def combine_bf16(out, rows, begin, end, weights, accumulate):
+def combine_bf16(out, rows, begin, end, weights, accumulate, count):
     non_finite = 0
     total = np.empty(COLUMNS, np.float32)
     for start in range(begin, end, COLUMNS):
@@ -312,7 +313,8 @@ def combine_bf16(out, rows, begin, end, weights, accumulate):
                 part[k] = 0
         _add_rows(part, rows, start, weights)
         for k in range(part.shape[0]):
-            rounded = _bf16(part[k])
-            target[k] = rounded
-            non_finite += rounded & np.uint16(0x7F80) == np.uint16(0x7F80)
+            target[k] = _bf16(part[k])
+        if count:
+            for k in range(target.shape[0]):
+                non_finite += target[k] & np.uint16(0x7F80) == np.uint16(0x7F80)
     return non_finite

@@ -208,7 +208,7 @@ def combine_checked_(out: Tensor, block: Tensor, weights: Tensor) -> Tensor:
     non-finite values they write instead, which is exact.
     """
     if out.dtype == block.dtype and out.is_contiguous() and kernels.supports(block):
-        bad = kernels.combine_(out, block, weights, accumulate=False)
+        bad = kernels.combine_(out, block, weights, accumulate=False, count=True)
         return torch.tensor(bad == 0)
     width = CPU_CHUNK if block.device.type == "cpu" else CHUNK
     reduced = [torch.zeros((), dtype=out.dtype, device=out.device)]

@@ -80,13 +80,16 @@ def gram(block: Tensor) -> Tensor:
     return lower + lower.tril(-1).T
 
 
-def combine_(out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool) -> int:
-    """``out ← out + blockᵀ w`` (``accumulate``) or ``out ← blockᵀ w``; how many are not finite.
+def combine_(
+    out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool, count: bool = False
+) -> int:
+    """``out ← out + blockᵀ w`` (``accumulate``) or ``out ← blockᵀ w``; ``count``: the Inf/NaN.
 
     ``out`` ``(n,)`` and ``block`` ``(r, n)`` are contiguous CPU tensors of one dtype that
     :func:`supports` takes, and do not overlap; ``weights`` has ``r`` entries. Sums are
     accumulated in the rows' precision (fp32 for bf16, rounded once to the nearest even).
-    Returns the number of NaN and ±Inf values written, counted while each chunk is in cache.
+    With ``count``, returns the number of NaN and ±Inf values written, counted while each
+    chunk is in cache (else 0).
     """
     kernels = _module()
     if block.dtype == torch.bfloat16:
@@ -94,7 +97,7 @@ def combine_(out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool) -
     else:
         kernel, target, rows, dtype = kernels.combine, out.numpy(), block.numpy(), block.dtype
     w = weights.detach().to(device="cpu", dtype=dtype).numpy()
-    calls = [(target, rows, *part, w, accumulate) for part in _columns(out.numel())]
+    calls = [(target, rows, *part, w, accumulate, count) for part in _columns(out.numel())]
     return int(sum(_run(kernel, calls)))
 
 

@@ -144,7 +144,7 @@ def combinations(draw):
 def test_the_combination_is_exact_to_its_accumulation_and_one_rounding(case):
     out, block, weights, accumulate = case
     result = out.clone()
-    non_finite = kernels.combine_(result, block, weights, accumulate=accumulate)
+    non_finite = kernels.combine_(result, block, weights, accumulate=accumulate, count=True)
     assert non_finite == int((~result.isfinite()).sum())
     w = weights.to(gram.compute_dtype(block.dtype)).double()
     exact = block.double().T @ w + (out.double() if accumulate else 0.0)
@@ -176,7 +176,7 @@ def test_bf16_combination_propagates_nan_and_overflows_to_inf():
     block[0, 3] = float("nan")
     block[1, 5] = 3e38
     out = torch.zeros(40).bfloat16()
-    assert kernels.combine_(out, block, torch.tensor([1.0, 4.0]), accumulate=False) == 2
+    assert kernels.combine_(out, block, torch.tensor([1.0, 4.0]), accumulate=False, count=True) == 2
     assert out[3].isnan() and out[5].isinf() and out[5] > 0
     assert torch.equal(out[[0, 1, 2]], torch.full((3,), 5.0).bfloat16())
 
@@ -188,7 +188,8 @@ def test_the_combination_counts_what_it_writes_not_finite(dtype):
     block[2, 2 * kernels.COLUMNS + 3] = float("nan")
     block[1:, -1] = torch.finfo(dtype).max
     out = torch.empty(block.shape[1], dtype=dtype)
-    assert kernels.combine_(out, block, torch.tensor([1.0, 1.0, 1.0]), accumulate=False) == 4
+    weights = torch.tensor([1.0, 1.0, 1.0])
+    assert kernels.combine_(out, block, weights, accumulate=False, count=True) == 4
     assert int((~out.isfinite()).sum()) == 4
 
 

@@ -290,7 +290,7 @@ def combine(out, rows, begin, end, weights, accumulate, count):
         target = out[start : min(start + COLUMNS, end)]
         if not accumulate:
             for k in range(target.shape[0]):
-                target[k] = 0
+                target[k] = -0.0  # the sum of nothing: -0 + x is x, -0 included
         _add_rows(target, rows, start, weights)
         if count:
             for k in range(target.shape[0]):
@@ -310,7 +310,7 @@ def combine_bf16(out, rows, begin, end, weights, accumulate, count):
                 part[k] = _value(target, k)
         else:
             for k in range(part.shape[0]):
-                part[k] = 0
+                part[k] = -0.0
         _add_rows(part, rows, start, weights)
         for k in range(part.shape[0]):
             target[k] = _bf16(part[k])

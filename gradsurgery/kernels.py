@@ -22,6 +22,7 @@ fresh environment compiles those of its dtype (a few seconds).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -45,7 +46,10 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def available() -> bool:
-    """Whether the compiled kernels are used: Numba imports and ``GRADSURGERY_KERNELS != 0``."""
+    """Whether the compiled kernels are used: ``GRADSURGERY_KERNELS != 0`` and Numba works.
+
+    If Numba is installed but fails to load them, a ``RuntimeWarning`` says so once.
+    """
     return os.environ.get("GRADSURGERY_KERNELS", "1") != "0" and _compiled() is not None
 
 
@@ -141,5 +145,13 @@ def _compiled() -> ModuleType | None:
     try:
         from gradsurgery import _numba_kernels
     except ImportError:
+        return None
+    except Exception as error:  # Numba is there but unusable (e.g. no place to cache code)
+        warnings.warn(
+            f"gradsurgery's compiled kernels are off: Numba failed here ({error!r}); PyTorch's "
+            "operations compute the same, slower on the CPU. GRADSURGERY_KERNELS=0 silences this",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     return _numba_kernels

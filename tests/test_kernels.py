@@ -245,3 +245,26 @@ def test_a_forked_child_splits_over_threads_of_its_own(monkeypatch):
         os._exit(0 if torch.equal(kernels.gram(block), expected) else 1)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_numba_that_fails_is_reported_once_and_pytorch_takes_over():
+    script = (
+        "import sys, types, warnings\n"
+        "class Broken(types.ModuleType):\n"
+        "    def __getattr__(self, name):\n"
+        "        if name.startswith('__'):\n"
+        "            raise AttributeError(name)\n"
+        "        raise RuntimeError('cannot cache function: no locator available')\n"
+        "sys.modules['numba'] = Broken('numba')\n"
+        "import torch\n"
+        "from gradsurgery import gram, kernels\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert not kernels.available() and not kernels.available()\n"
+        "    x = torch.randn(2, 100)\n"
+        "    assert torch.allclose(gram.gram(x), x.double() @ x.double().T, rtol=1e-5)\n"
+        "assert len(caught) == 1 and 'no locator' in str(caught[0].message), caught\n"
+        "assert caught[0].category is RuntimeWarning\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

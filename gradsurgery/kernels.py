@@ -107,7 +107,9 @@ def combine_(
 
 def _columns(n: int) -> list[tuple[int, int]]:
     """Column ranges ``[start, stop)`` of whole chunks, one per thread if ``n`` is worth it."""
-    threads = max(1, min(torch.get_num_threads(), n // _PER_THREAD))
+    if n < 2 * _PER_THREAD:
+        return [(0, n)]
+    threads = min(torch.get_num_threads(), n // _PER_THREAD)
     chunks = -(-n // COLUMNS)
     bounds = [COLUMNS * (chunks * i // threads) for i in range(threads)] + [n]
     return list(pairwise(bounds))

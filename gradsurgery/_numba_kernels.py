@@ -18,7 +18,14 @@ from numba.extending import intrinsic, overload
 
 from gradsurgery.kernels import COLUMNS
 
-__all__ = ["combine", "combine_bf16", "gram"]
+__all__ = [
+    "combine",
+    "combine_bf16",
+    "combine_segments",
+    "combine_segments_bf16",
+    "gram",
+    "segment_gram",
+]
 
 _FLAGS = {"reassoc", "contract"}
 _jit = njit(fastmath=_FLAGS, nogil=True, cache=True)
@@ -318,3 +325,21 @@ def combine_bf16(out, rows, begin, end, weights, accumulate, count):
             for k in range(target.shape[0]):
                 non_finite += target[k] & np.uint16(0x7F80) == np.uint16(0x7F80)
     return non_finite
+
+
+@_jit
+def segment_gram(block, bounds, zero, out):
+    for s in range(bounds.shape[0] - 1):
+        gram(block, bounds[s], bounds[s + 1], zero, out[s])
+
+
+@_jit
+def combine_segments(out, rows, bounds, weights):
+    for s in range(bounds.shape[0] - 1):
+        combine(out, rows, bounds[s], bounds[s + 1], weights[s], False, False)
+
+
+@_jit
+def combine_segments_bf16(out, rows, bounds, weights):
+    for s in range(bounds.shape[0] - 1):
+        combine_bf16(out, rows, bounds[s], bounds[s + 1], weights[s], False, False)

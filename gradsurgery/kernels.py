@@ -36,7 +36,15 @@ from torch import Tensor
 
 from gradsurgery import sync
 
-__all__ = ["COLUMNS", "available", "combine_", "gram", "supports"]
+__all__ = [
+    "COLUMNS",
+    "available",
+    "combine_",
+    "combine_segments_",
+    "gram",
+    "segment_gram",
+    "supports",
+]
 
 COLUMNS = 8192
 """Columns per chunk: 8192 fp32 values of 9 rows (288 KiB) stay in a core's L2 cache."""
@@ -71,12 +79,8 @@ def gram(block: Tensor) -> Tensor:
     """``block @ block.T`` in float64, exactly symmetric, for a block :func:`supports` takes."""
     kernels = _module()
     rows, n = block.shape
-    padded = 5 if rows in (4, 5) else 10 if rows in (7, 8, 9) else 3 * -(-rows // 3)
-    if block.dtype == torch.bfloat16:
-        array, zero = _bits(block), np.float32(0)
-    else:
-        array = block.detach().numpy()
-        zero = array.dtype.type(0)
+    padded = _padded(rows)
+    array, zero = _array(block)
     calls = [(array, *part, zero, np.zeros((padded, padded))) for part in _columns(n)]
     _run(kernels.gram, calls)
     total = sum(call[-1] for call in calls[1:]) + calls[0][-1]
@@ -96,13 +100,59 @@ def combine_(
     chunk is in cache (else 0).
     """
     kernels = _module()
-    if block.dtype == torch.bfloat16:
-        kernel, target, rows, dtype = kernels.combine_bf16, _bits(out), _bits(block), torch.float32
-    else:
-        kernel, target, rows, dtype = kernels.combine, out.numpy(), block.numpy(), block.dtype
-    w = weights.detach().to(device="cpu", dtype=dtype).numpy()
+    kernel = kernels.combine_bf16 if block.dtype == torch.bfloat16 else kernels.combine
+    target, rows, w = _operands(out, block, weights)
     calls = [(target, rows, *part, w, accumulate, count) for part in _columns(out.numel())]
     return int(sum(_run(kernel, calls)))
+
+
+def segment_gram(block: Tensor, bounds: np.ndarray) -> Tensor:
+    """``(len(bounds) - 1, r, r)`` float64: the Gram of each column segment of ``block``.
+
+    Segment ``s`` holds columns ``bounds[s]`` to ``bounds[s + 1]`` (int64, non-decreasing).
+    """
+    kernels = _module()
+    rows = block.shape[0]
+    padded = _padded(rows)
+    array, zero = _array(block)
+    out = np.zeros((len(bounds) - 1, padded, padded))
+    kernels.segment_gram(array, bounds, zero, out)
+    lower = torch.from_numpy(out[:, :rows, :rows]).tril()
+    return lower + lower.tril(-1).transpose(1, 2)
+
+
+def combine_segments_(out: Tensor, block: Tensor, weights: Tensor, bounds: np.ndarray) -> None:
+    """``out[segment s] ← Σ_k weights[s, k] · block[k, segment s]`` for each segment.
+
+    Segments as in :func:`segment_gram`; ``out`` and ``block`` as in :func:`combine_`.
+    """
+    kernels = _module()
+    bf16 = block.dtype == torch.bfloat16
+    kernel = kernels.combine_segments_bf16 if bf16 else kernels.combine_segments
+    target, rows, w = _operands(out, block, weights)
+    kernel(target, rows, bounds, w)
+
+
+def _padded(rows: int) -> int:
+    """The rows of the kernels' output: see the Gram kernels' tiles."""
+    return 5 if rows in (4, 5) else 10 if rows in (7, 8, 9) else 3 * -(-rows // 3)
+
+
+def _operands(out: Tensor, block: Tensor, weights: Tensor) -> tuple[Any, Any, Any]:
+    """``out``, ``block`` and ``weights`` as the combination kernels take them."""
+    if block.dtype == torch.bfloat16:
+        w = weights.detach().to(device="cpu", dtype=torch.float32)
+        return _bits(out), _bits(block), w.numpy()
+    w = weights.detach().to(device="cpu", dtype=block.dtype)
+    return out.numpy(), block.numpy(), w.numpy()
+
+
+def _array(block: Tensor) -> tuple[Any, Any]:
+    """``block`` as a NumPy array the kernels read, and the zero of their accumulators."""
+    if block.dtype == torch.bfloat16:
+        return _bits(block), np.float32(0)
+    array = block.detach().numpy()
+    return array, array.dtype.type(0)
 
 
 def _columns(n: int) -> list[tuple[int, int]]:

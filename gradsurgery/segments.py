@@ -6,20 +6,24 @@ tensor ``s`` (a segment of consecutive columns of the ``(r, n)`` block ``B``),
 * :func:`segment_gram` -- ``G_s = B_s B_sᵀ``, and
 * :func:`combine_segments_` -- ``out_s ← B_sᵀ w_s`` with weights of its own.
 
-Both walk the block in *pieces*: the segments cut at every multiple of ``columns``
-(:data:`COLUMNS` by default), so each matrix product is cache-sized, the temporaries are
-``r × r`` per piece (nothing proportional to ``n``), and the number of Python-level
-operations is ``n / columns`` plus the number of parameters. The pieces are planned once
-per layout, from the parameters' sizes on the host.
+On the CPU the compiled kernels of :mod:`gradsurgery.kernels` compute both, segment by
+segment, when Numba is installed. Otherwise both walk the block in *pieces*: the segments
+cut at every multiple of ``columns`` (:data:`COLUMNS` by default), so each matrix product
+is cache-sized, the temporaries are ``r × r`` per piece (nothing proportional to ``n``),
+and the number of Python-level operations is ``n / columns`` plus the number of
+parameters. The pieces are planned once per layout, from the parameters' sizes on the
+host.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from gradsurgery import kernels
 from gradsurgery.gram import compute_dtype, ieee_fp32_matmul
 
 __all__ = ["COLUMNS", "Segments", "combine_segments_", "segment_gram"]
@@ -35,6 +39,8 @@ class Segments:
 
     Attributes:
         count: the number of segments.
+        bounds: ``(count + 1,)`` int64 array: segment ``s`` is columns ``bounds[s]`` to
+            ``bounds[s + 1]``.
         pieces: ``(columns, segment)`` for each piece, in column order.
         owner: ``(len(pieces),)`` long tensor on ``device``: each piece's segment.
     """
@@ -47,6 +53,7 @@ class Segments:
         if columns <= 0:
             raise ValueError(f"columns per piece must be positive, got {columns}")
         self.count = len(lengths)
+        self.bounds = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         self.pieces: list[tuple[slice, int]] = []
         start = 0
         for segment, length in enumerate(lengths):
@@ -60,6 +67,8 @@ class Segments:
 
 def segment_gram(block: Tensor, segments: Segments) -> Tensor:
     """``(segments.count, r, r)`` float64: the Gram matrix of each segment of ``block``."""
+    if kernels.supports(block):
+        return kernels.segment_gram(block, segments.bounds)
     rows = block.shape[0]
     dtype = compute_dtype(block.dtype)
     partial = torch.empty(len(segments.pieces), rows, rows, dtype=dtype, device=block.device)
@@ -73,6 +82,9 @@ def segment_gram(block: Tensor, segments: Segments) -> Tensor:
 
 def combine_segments_(out: Tensor, block: Tensor, weights: Tensor, segments: Segments) -> Tensor:
     """Write ``out[segment s] ← Σ_k weights[s, k] · block[k, segment s]``; return ``out``."""
+    if out.dtype == block.dtype and out.is_contiguous() and kernels.supports(block):
+        kernels.combine_segments_(out, block, weights, segments.bounds)
+        return out
     dtype = compute_dtype(block.dtype)
     weights = weights.to(dtype)
     with ieee_fp32_matmul():

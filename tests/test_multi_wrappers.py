@@ -8,6 +8,7 @@ from torch import nn
 
 from gradsurgery import (
     MGDA,
+    GradientBank,
     GradVac,
     NonFiniteGradientError,
     ParetoLessForgetting,
@@ -136,6 +137,27 @@ def test_per_parameter_gradvac_equals_gradvac_on_each_tensor():
         torch.testing.assert_close(p.grad.flatten().double(), grads.T @ w, rtol=1e-5, atol=1e-7)
     del generator
     assert opt.targets.shape == (len(opt.bank.params), 3, 3)
+
+
+def test_per_parameter_gradvac_reads_the_rows_once(monkeypatch):
+    # its per-parameter Grams sum to the model's Gram: no second pass for the checks
+    net = mlp()
+    opt = GradVac(sgd(net), LANGUAGES, granularity="parameter", generator=seeded())
+    calls = []
+    for name in ("gram", "segment_gram"):
+        original = getattr(GradientBank, name)
+
+        def counted(self, *args, original=original, name=name, **kwargs):
+            calls.append(name)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(GradientBank, name, counted)
+    opt.zero_grad()
+    opt.backward(language_losses(net, 0))
+    rows = opt.bank.blocks[0][1:].double().clone()
+    opt.step()
+    assert calls == ["segment_gram"]
+    torch.testing.assert_close(opt.last_stats.gram.sum(dim=0), rows @ rows.T)
 
 
 def test_lfmlf_accumulates_the_combined_directions():

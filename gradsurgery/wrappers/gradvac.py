@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.nn import functional
 from torch.optim import Optimizer
 
 from gradsurgery.distributed import Distributed, broadcast_generator, scatters
@@ -93,6 +94,7 @@ class GradVac(MultiObjectiveOptimizer):
         self.granularity: Granularity = granularity
         self.generator = generator
         self.targets = self._zero_targets()
+        self._per_parameter = torch.zeros(0)  # this step's per-parameter Gram (granularity)
         self._next_targets = self.targets
 
     def _zero_targets(self) -> Tensor:
@@ -110,15 +112,22 @@ class GradVac(MultiObjectiveOptimizer):
                 targets[i] = self.targets[position[id(p)]]
         self.targets = targets
 
+    def _rows_gram(self, *, with_row0: bool, exact: bool = False) -> Tensor:
+        if self.granularity == "model" or exact:
+            return super()._rows_gram(with_row0=with_row0, exact=exact)
+        # the model's Gram is the sum of the per-parameter ones: one pass gives both
+        first = 0 if with_row0 else 1
+        per_parameter = self._bank.segment_gram(slice(first, None))
+        layout = self._layout
+        if layout is not None:
+            per_parameter = layout.reduce_gram(per_parameter)
+        self._per_parameter = per_parameter[:, 1 - first :, 1 - first :]
+        gram = per_parameter.sum(dim=0)
+        return gram if with_row0 else functional.pad(gram, (1, 0, 1, 0))
+
     def _decide(self, gram: Tensor) -> Decision:
         rows = self._objective_rows
-        if self.granularity == "model":
-            K = gram[rows, rows]
-        else:
-            K = self._bank.segment_gram(rows)
-            layout = self._layout
-            if layout is not None:
-                K = layout.reduce_gram(K)
+        K = gram[rows, rows] if self.granularity == "model" else self._per_parameter
         orders = conflict_orders(len(self.row_names), self.generator)
         C, self._next_targets = gradvac_coefficients(K, self.targets, orders, self.beta)
         return Decision(C.sum(dim=-2), K)

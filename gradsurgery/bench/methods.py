@@ -4,7 +4,7 @@ Each case builds one wrapper on BERT-shaped parameters, fills its rows, and expo
 whole surgery (``opt._surgery``, what ``opt.step()`` runs before the inner step) and the
 same work in three parts, with the library's own functions on the same rows:
 
-* **gram**: ``bank.gram()`` (and ``bank.segment_gram`` for per-parameter GradVac); none
+* **gram**: ``bank.gram()`` (``bank.segment_gram`` for per-parameter GradVac); none
   for Uniform, which computes no Gram matrix;
 * **solve**: the weights from that Gram (``gem_multipliers``, or the wrapper's ``_decide``:
   PCGrad's and GradVac's coefficients, MGDA's min-norm point, LF-MLF's QP on the host;
@@ -167,8 +167,7 @@ def _multi(params: list[Tensor], t: int, validate: bool, method: str) -> Case:
         segments = bank.segment_gram(rows)
 
         def gram_part() -> None:
-            bank.gram(rows=slice(1, None))
-            bank.segment_gram(rows)
+            bank.segment_gram(rows)  # the model's Gram is their sum
 
         def solve() -> Tensor:
             orders = conflict_orders(t, opt.generator)

@@ -16,8 +16,6 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from gradsurgery.kernels import COLUMNS
-
 __all__ = [
     "combine",
     "combine_bf16",
@@ -247,9 +245,9 @@ def _chunk(block, start, stop, zero, out):
 
 
 @_jit
-def gram(block, begin, end, zero, out):
-    for start in range(begin, end, COLUMNS):
-        _chunk(block, start, min(start + COLUMNS, end), zero, out)
+def gram(block, begin, end, zero, out, columns):
+    for start in range(begin, end, columns):
+        _chunk(block, start, min(start + columns, end), zero, out)
 
 
 @_inline
@@ -291,10 +289,10 @@ def _add_rows(total, rows, start, weights):
 
 
 @_jit
-def combine(out, rows, begin, end, weights, accumulate, count):
+def combine(out, rows, begin, end, weights, accumulate, count, columns):
     non_finite = 0
-    for start in range(begin, end, COLUMNS):
-        target = out[start : min(start + COLUMNS, end)]
+    for start in range(begin, end, columns):
+        target = out[start : min(start + columns, end)]
         if not accumulate:
             for k in range(target.shape[0]):
                 target[k] = -0.0  # the sum of nothing: -0 + x is x, -0 included
@@ -306,11 +304,11 @@ def combine(out, rows, begin, end, weights, accumulate, count):
 
 
 @_jit
-def combine_bf16(out, rows, begin, end, weights, accumulate, count):
+def combine_bf16(out, rows, begin, end, weights, accumulate, count, columns):
     non_finite = 0
-    total = np.empty(COLUMNS, np.float32)
-    for start in range(begin, end, COLUMNS):
-        target = out[start : min(start + COLUMNS, end)]
+    total = np.empty(columns, np.float32)
+    for start in range(begin, end, columns):
+        target = out[start : min(start + columns, end)]
         part = total[: target.shape[0]]
         if accumulate:
             for k in range(part.shape[0]):
@@ -328,18 +326,18 @@ def combine_bf16(out, rows, begin, end, weights, accumulate, count):
 
 
 @_jit
-def segment_gram(block, bounds, zero, out):
+def segment_gram(block, bounds, zero, out, columns):
     for s in range(bounds.shape[0] - 1):
-        gram(block, bounds[s], bounds[s + 1], zero, out[s])
+        gram(block, bounds[s], bounds[s + 1], zero, out[s], columns)
 
 
 @_jit
-def combine_segments(out, rows, bounds, weights):
+def combine_segments(out, rows, bounds, weights, columns):
     for s in range(bounds.shape[0] - 1):
-        combine(out, rows, bounds[s], bounds[s + 1], weights[s], False, False)
+        combine(out, rows, bounds[s], bounds[s + 1], weights[s], False, False, columns)
 
 
 @_jit
-def combine_segments_bf16(out, rows, bounds, weights):
+def combine_segments_bf16(out, rows, bounds, weights, columns):
     for s in range(bounds.shape[0] - 1):
-        combine_bf16(out, rows, bounds[s], bounds[s + 1], weights[s], False, False)
+        combine_bf16(out, rows, bounds[s], bounds[s + 1], weights[s], False, False, columns)

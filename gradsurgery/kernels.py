@@ -46,8 +46,10 @@ __all__ = [
     "supports",
 ]
 
-COLUMNS = 8192
-"""Columns per chunk: 8192 fp32 values of 9 rows (288 KiB) stay in a core's L2 cache."""
+COLUMNS = 4096
+"""Columns per chunk: 9 rows of 4096 fp32 values (144 KiB) stay in a core's L2 cache, and
+fp32 sums of at most 4096 products keep every Gram entry within 1e-7 of float64 (relative
+to the rows' norms) from 10⁴ columns on; 8192 was as fast and, on positive rows, 1.1e-7."""
 
 _PER_THREAD = 1 << 20
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -81,9 +83,13 @@ def gram(block: Tensor) -> Tensor:
     rows, n = block.shape
     padded = _padded(rows)
     array, zero = _array(block)
-    calls = [(array, *part, zero, np.zeros((padded, padded))) for part in _columns(n)]
-    _run(kernels.gram, calls)
-    total = sum(call[-1] for call in calls[1:]) + calls[0][-1]
+    parts = _columns(n)
+    outs = [np.zeros((padded, padded)) for _ in parts]
+    _run(
+        kernels.gram,
+        [(array, *part, zero, out, COLUMNS) for part, out in zip(parts, outs, strict=True)],
+    )
+    total = sum(outs[1:], outs[0])
     lower = torch.from_numpy(total[:rows, :rows]).tril()
     return lower + lower.tril(-1).T
 
@@ -102,7 +108,8 @@ def combine_(
     kernels = _module()
     kernel = kernels.combine_bf16 if block.dtype == torch.bfloat16 else kernels.combine
     target, rows, w = _operands(out, block, weights)
-    calls = [(target, rows, *part, w, accumulate, count) for part in _columns(out.numel())]
+    parts = _columns(out.numel())
+    calls = [(target, rows, *part, w, accumulate, count, COLUMNS) for part in parts]
     return int(sum(_run(kernel, calls)))
 
 
@@ -116,7 +123,7 @@ def segment_gram(block: Tensor, bounds: np.ndarray) -> Tensor:
     padded = _padded(rows)
     array, zero = _array(block)
     out = np.zeros((len(bounds) - 1, padded, padded))
-    kernels.segment_gram(array, bounds, zero, out)
+    kernels.segment_gram(array, bounds, zero, out, COLUMNS)
     lower = torch.from_numpy(out[:, :rows, :rows]).tril()
     return lower + lower.tril(-1).transpose(1, 2)
 
@@ -130,7 +137,7 @@ def combine_segments_(out: Tensor, block: Tensor, weights: Tensor, bounds: np.nd
     bf16 = block.dtype == torch.bfloat16
     kernel = kernels.combine_segments_bf16 if bf16 else kernels.combine_segments
     target, rows, w = _operands(out, block, weights)
-    kernel(target, rows, bounds, w)
+    kernel(target, rows, bounds, w, COLUMNS)
 
 
 def _padded(rows: int) -> int:

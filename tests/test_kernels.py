@@ -268,3 +268,22 @@ def test_a_numba_that_fails_is_reported_once_and_pytorch_takes_over():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("n", [1000, 10_007, 1_000_003])
+@pytest.mark.parametrize("positive", [False, True])
+def test_at_least_as_exact_as_pytorchs_gram(n, positive, monkeypatch):
+    generator = torch.Generator().manual_seed(n)
+    block = torch.randn(5, n, generator=generator)
+    block = block.abs() if positive else block
+    exact = reference(block)
+    norms = exact.diagonal().sqrt()
+
+    def error(result):
+        return float(((result - exact).abs() / (norms[:, None] * norms)).max())
+
+    fast = error(kernels.gram(block))
+    monkeypatch.setenv("GRADSURGERY_KERNELS", "0")
+    assert fast <= error(gram.gram(block))
+    if n >= 10_000:  # chunk sums in float64: the error shrinks as chunks add up
+        assert fast <= 1e-7

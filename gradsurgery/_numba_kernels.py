@@ -22,6 +22,7 @@ __all__ = [
     "combine_segments",
     "combine_segments_bf16",
     "gram",
+    "padded_rows",
     "segment_gram",
 ]
 
@@ -215,6 +216,11 @@ def _rows4(block, first, last, start, stop):
         block[min(first + 2, last), start:stop],
         block[min(first + 3, last), start:stop],
     )
+
+
+def padded_rows(rows: int) -> int:
+    """The side of the Gram kernels' output for ``rows`` rows (the tiles of :func:`_chunk`)."""
+    return 5 if rows in (4, 5) else 10 if rows in (7, 8, 9) else 3 * -(-rows // 3)
 
 
 @_inline

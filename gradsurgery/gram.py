@@ -179,7 +179,7 @@ def combine_(out: Tensor, block: Tensor, weights: Tensor, *, accumulate: bool) -
     (any floating dtype; it is cast to the compute precision). ``out`` must not overlap
     ``block``. Returns ``out``.
     """
-    if out.dtype == block.dtype and out.is_contiguous() and kernels.supports(block):
+    if kernels.supports(block, out):
         kernels.combine_(out, block, weights, accumulate=accumulate)
         return out
     beta = 1.0 if accumulate else 0.0
@@ -207,7 +207,7 @@ def combine_checked_(out: Tensor, block: Tensor, weights: Tensor) -> Tensor:
     :func:`combine_`'s (each column is computed alone). The compiled kernels count the
     non-finite values they write instead, which is exact.
     """
-    if out.dtype == block.dtype and out.is_contiguous() and kernels.supports(block):
+    if kernels.supports(block, out):
         bad = kernels.combine_(out, block, weights, accumulate=False, count=True)
         return torch.tensor(bad == 0)
     width = CPU_CHUNK if block.device.type == "cpu" else CHUNK

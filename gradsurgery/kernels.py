@@ -63,13 +63,22 @@ def available() -> bool:
     return os.environ.get("GRADSURGERY_KERNELS", "1") != "0" and _compiled() is not None
 
 
-def supports(block: Tensor) -> bool:
-    """Whether the kernels take ``block``: a row-major CPU fp32, fp64 or bf16 matrix.
+def supports(block: Tensor, out: Tensor | None = None) -> bool:
+    """Whether the kernels take ``block`` (and ``out``, for a combination into it).
 
-    CPU means a device where :func:`gradsurgery.sync.host_reads_are_free`.
+    ``block``: a row-major fp32, fp64 or bf16 matrix on the CPU (a device where
+    :func:`gradsurgery.sync.host_reads_are_free`); ``out``: a contiguous vector of its dtype,
+    device and column count.
     """
+    fits = out is None or (
+        out.dtype == block.dtype
+        and out.device == block.device
+        and out.shape == block.shape[1:]
+        and out.is_contiguous()
+    )
     return (
-        sync.host_reads_are_free(block.device)
+        fits
+        and sync.host_reads_are_free(block.device)
         and block.dtype in _DTYPES
         and block.dim() == 2
         and block.is_contiguous()
@@ -79,9 +88,9 @@ def supports(block: Tensor) -> bool:
 
 def gram(block: Tensor) -> Tensor:
     """``block @ block.T`` in float64, exactly symmetric, for a block :func:`supports` takes."""
-    kernels = _module()
+    kernels = _checked(block)
     rows, n = block.shape
-    padded = _padded(rows)
+    padded = kernels.padded_rows(rows)
     array, zero = _array(block)
     parts = _columns(n)
     outs = [np.zeros((padded, padded)) for _ in parts]
@@ -105,7 +114,7 @@ def combine_(
     With ``count``, returns the number of NaN and ±Inf values written, counted while each
     chunk is in cache (else 0).
     """
-    kernels = _module()
+    kernels = _checked(block, out, weights, block.shape[:1])
     kernel = kernels.combine_bf16 if block.dtype == torch.bfloat16 else kernels.combine
     target, rows, w = _operands(out, block, weights)
     parts = _columns(out.numel())
@@ -116,11 +125,12 @@ def combine_(
 def segment_gram(block: Tensor, bounds: np.ndarray) -> Tensor:
     """``(len(bounds) - 1, r, r)`` float64: the Gram of each column segment of ``block``.
 
-    Segment ``s`` holds columns ``bounds[s]`` to ``bounds[s + 1]`` (int64, non-decreasing).
+    Segment ``s`` holds columns ``bounds[s]`` to ``bounds[s + 1]``: ``bounds`` is an int64
+    array that starts at 0, never decreases and ends at the column count.
     """
-    kernels = _module()
+    kernels = _checked(block, bounds=bounds)
     rows = block.shape[0]
-    padded = _padded(rows)
+    padded = kernels.padded_rows(rows)
     array, zero = _array(block)
     out = np.zeros((len(bounds) - 1, padded, padded))
     kernels.segment_gram(array, bounds, zero, out, COLUMNS)
@@ -131,18 +141,52 @@ def segment_gram(block: Tensor, bounds: np.ndarray) -> Tensor:
 def combine_segments_(out: Tensor, block: Tensor, weights: Tensor, bounds: np.ndarray) -> None:
     """``out[segment s] ← Σ_k weights[s, k] · block[k, segment s]`` for each segment.
 
-    Segments as in :func:`segment_gram`; ``out`` and ``block`` as in :func:`combine_`.
+    Segments as in :func:`segment_gram`; ``out`` and ``block`` as in :func:`combine_`;
+    ``weights`` has shape ``(len(bounds) - 1, r)``.
     """
-    kernels = _module()
+    kernels = _checked(block, out, weights, (len(bounds) - 1, block.shape[0]), bounds)
     bf16 = block.dtype == torch.bfloat16
     kernel = kernels.combine_segments_bf16 if bf16 else kernels.combine_segments
     target, rows, w = _operands(out, block, weights)
     kernel(target, rows, bounds, w, COLUMNS)
 
 
-def _padded(rows: int) -> int:
-    """The rows of the kernels' output: see the Gram kernels' tiles."""
-    return 5 if rows in (4, 5) else 10 if rows in (7, 8, 9) else 3 * -(-rows // 3)
+def _checked(
+    block: Tensor,
+    out: Tensor | None = None,
+    weights: Tensor | None = None,
+    weights_shape: tuple[int, ...] = (),
+    bounds: np.ndarray | None = None,
+) -> Any:
+    """The compiled kernels, once the arguments are ones they read and write within bounds.
+
+    Raises:
+        ImportError: Numba is not installed or cannot load them.
+        ValueError: what the kernels do not take, said in the message.
+    """
+    kernels = _module()
+    if not supports(block, out):
+        what = "" if out is None else f" and out {tuple(out.shape)} {out.dtype} on {out.device}"
+        raise ValueError(
+            f"the compiled kernels take a contiguous 2-D fp32, fp64 or bf16 CPU block and a "
+            f"contiguous vector of its dtype and column count, got block {tuple(block.shape)} "
+            f"{block.dtype} on {block.device}{what}; use gradsurgery.gram for anything else"
+        )
+    if weights is not None and tuple(weights.shape) != weights_shape:
+        raise ValueError(f"weights must have shape {weights_shape}, got {tuple(weights.shape)}")
+    if bounds is not None and not (
+        bounds.dtype == np.int64
+        and bounds.ndim == 1
+        and len(bounds) >= 1
+        and bounds[0] == 0
+        and bounds[-1] == block.shape[1]
+        and bool((np.diff(bounds) >= 0).all())
+    ):
+        raise ValueError(
+            f"bounds must be int64 from 0 to the {block.shape[1]} columns, never decreasing, "
+            f"got {bounds!r}"
+        )
+    return kernels
 
 
 def _operands(out: Tensor, block: Tensor, weights: Tensor) -> tuple[Any, Any, Any]:

@@ -82,7 +82,7 @@ def segment_gram(block: Tensor, segments: Segments) -> Tensor:
 
 def combine_segments_(out: Tensor, block: Tensor, weights: Tensor, segments: Segments) -> Tensor:
     """Write ``out[segment s] ← Σ_k weights[s, k] · block[k, segment s]``; return ``out``."""
-    if out.dtype == block.dtype and out.is_contiguous() and kernels.supports(block):
+    if kernels.supports(block, out):
         kernels.combine_segments_(out, block, weights, segments.bounds)
         return out
     dtype = compute_dtype(block.dtype)

@@ -287,3 +287,36 @@ def test_at_least_as_exact_as_pytorchs_gram(n, positive, monkeypatch):
     assert fast <= error(gram.gram(block))
     if n >= 10_000:  # chunk sums in float64: the error shrinks as chunks add up
         assert fast <= 1e-7
+
+
+def test_what_the_kernels_would_read_or_write_out_of_bounds_is_refused():
+    block = torch.randn(3, 50)
+    out = torch.randn(50)
+    before = out.clone()
+    refused = [
+        lambda: kernels.gram(block.half()),
+        lambda: kernels.gram(block[:, ::2]),
+        lambda: kernels.combine_(out[:40], block, torch.ones(3), accumulate=True),
+        lambda: kernels.combine_(out.double(), block, torch.ones(3), accumulate=True),
+        lambda: kernels.combine_(torch.randn(100)[::2], block, torch.ones(3), accumulate=True),
+        lambda: kernels.combine_(out, block, torch.ones(4), accumulate=True),
+        lambda: kernels.segment_gram(block, np.array([0, 20, 60], dtype=np.int64)),
+        lambda: kernels.segment_gram(block, np.array([0, 30, 20, 50], dtype=np.int64)),
+        lambda: kernels.segment_gram(block, np.array([0, 50], dtype=np.int32)),
+        lambda: kernels.combine_segments_(
+            out, block, torch.ones(3, 3), np.array([0, 20, 50], dtype=np.int64)
+        ),
+    ]
+    for call in refused:
+        with pytest.raises(ValueError, match=r"kernels take|must"):
+            call()
+    assert torch.equal(out, before)
+    bounds = np.array([0, 20, 20, 50], dtype=np.int64)
+    expected = torch.stack(
+        [reference(block[:, :20]), reference(block[:, :0]), reference(block[:, 20:])]
+    )
+    for segment, exact in zip(kernels.segment_gram(block, bounds), expected, strict=True):
+        norms = exact.diagonal().sqrt()
+        assert ((segment - exact).abs() <= 1e-6 * norms[:, None] * norms).all()
+    kernels.combine_segments_(out, block, torch.ones(3, 3), bounds)
+    torch.testing.assert_close(out, block.sum(dim=0))

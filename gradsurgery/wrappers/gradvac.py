@@ -127,7 +127,10 @@ class GradVac(MultiObjectiveOptimizer):
 
     def _decide(self, gram: Tensor) -> Decision:
         rows = self._objective_rows
-        K = gram[rows, rows] if self.granularity == "model" else self._per_parameter
+        if self.granularity == "model":
+            K = gram[rows, rows]
+        else:  # from this step's _rows_gram, used once
+            K, self._per_parameter = self._per_parameter, torch.zeros(0)
         orders = conflict_orders(len(self.row_names), self.generator)
         C, self._next_targets = gradvac_coefficients(K, self.targets, orders, self.beta)
         return Decision(C.sum(dim=-2), K)
